@@ -1,0 +1,1101 @@
+"""TRN/attention hybrid for OpenAI's Parameter Golf, in one file.
+
+Pipeline: config -> data -> metric -> model -> optimizers -> quantization/export -> evaluation
+-> checkpoints -> main. Everything is configured by environment variables (see README.md).
+Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python train_gpt.py` for one process.
+"""
+from __future__ import annotations
+
+import copy, glob, io, json, math, os, signal, sys, time, uuid
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- config
+
+class UserError(Exception):
+    """Bad input: main() prints it as one line and exits non-zero."""
+
+
+def env(name, default, cast=str, ok=None, need=""):
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        val = cast(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not a valid {cast.__name__}") from None
+    if ok is not None and not ok(val):
+        raise UserError(f"{name}={raw!r}: must be {need}")
+    return val
+
+
+def flag(name, default):
+    return bool(env(name, int(default), int, lambda v: v in (0, 1), "0 or 1"))
+
+
+def pos(name, default, cast=int):
+    return env(name, default, cast, lambda v: v > 0, "> 0")
+
+
+def nonneg(name, default, cast=int):
+    return env(name, default, cast, lambda v: v >= 0, ">= 0")
+
+
+def frac(name, default):
+    return env(name, default, float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def int_list(name, default):
+    raw = os.environ.get(name, default)
+    try:
+        return [int(s) for s in raw.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{name}={raw!r} must be comma-separated integers") from None
+
+
+QUANT_GROUPS = ("embed", "bigram", "attn", "mlp", "trn_in", "trn_out", "trn_ctrl")
+
+
+class Hyperparameters:
+    def __init__(self):
+        e = self
+        # data and run
+        e.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        e.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        e.run_id = env("RUN_ID", uuid.uuid4().hex[:12])
+        e.seed = env("SEED", 1337, int)
+        e.overwrite = flag("OVERWRITE", 0)
+        # model
+        e.vocab_size = pos("VOCAB_SIZE", 1024)
+        e.bos_id = nonneg("BOS_ID", 1)
+        e.model_type = env("MODEL_TYPE", "hybrid", str, lambda v: v in ("hybrid", "transformer"), "hybrid or transformer")
+        e.num_layers = pos("NUM_LAYERS", 10)
+        e.model_dim = pos("MODEL_DIM", 512)
+        e.num_heads = pos("NUM_HEADS", 8)
+        e.num_kv_heads = pos("NUM_KV_HEADS", 4)
+        e.mlp_mult = pos("MLP_MULT", 3.0, float)
+        e.attn_positions = int_list("ATTN_POSITIONS", "2,5,8")
+        e.num_oscillators = pos("NUM_OSCILLATORS", 256)
+        e.bigram_vocab_size = nonneg("BIGRAM_VOCAB_SIZE", 10240)
+        e.bigram_dim = pos("BIGRAM_DIM", 128)
+        e.use_token_shift = flag("USE_TOKEN_SHIFT", 1)
+        e.reset_at_bos = flag("RESET_AT_BOS", 1)
+        e.logit_softcap = pos("LOGIT_SOFTCAP", 30.0, float)
+        e.rope_base = pos("ROPE_BASE", 10000.0, float)
+        e.tied_embed_init_std = pos("TIED_EMBED_INIT_STD", 0.005, float)
+        # training
+        e.train_seq_len = pos("TRAIN_SEQ_LEN", 1024)
+        e.train_batch_tokens = pos("TRAIN_BATCH_TOKENS", 524_288)
+        e.micro_batch_seqs = pos("MICRO_BATCH_SEQS", 64)
+        e.iterations = pos("ITERATIONS", 20_000)
+        e.warmdown_iters = nonneg("WARMDOWN_ITERS", 1200)
+        e.warmdown_frac = frac("WARMDOWN_FRAC", 0.25)
+        e.warmup_steps = nonneg("WARMUP_STEPS", 20)
+        e.max_wallclock_seconds = nonneg("MAX_WALLCLOCK_SECONDS", 600.0, float)
+        e.val_loss_every = nonneg("VAL_LOSS_EVERY", 1000)
+        e.train_log_every = pos("TRAIN_LOG_EVERY", 200)
+        e.val_batch_size = pos("VAL_BATCH_SIZE", 524_288)
+        e.matrix_lr = nonneg("MATRIX_LR", 0.04, float)
+        e.scalar_lr = nonneg("SCALAR_LR", 0.04, float)
+        e.tied_embed_lr = nonneg("TIED_EMBED_LR", 0.05, float)
+        e.muon_momentum = frac("MUON_MOMENTUM", 0.95)
+        e.muon_momentum_warmup_start = frac("MUON_MOMENTUM_WARMUP_START", 0.85)
+        e.muon_momentum_warmup_steps = nonneg("MUON_MOMENTUM_WARMUP_STEPS", 500)
+        e.muon_backend_steps = pos("MUON_BACKEND_STEPS", 5)
+        e.beta1 = frac("BETA1", 0.9)
+        e.beta2 = frac("BETA2", 0.95)
+        e.adam_eps = pos("ADAM_EPS", 1e-8, float)
+        e.weight_decay = nonneg("WEIGHT_DECAY", 0.04, float)
+        e.grad_clip_norm = nonneg("GRAD_CLIP_NORM", 0.0, float)
+        e.compile = flag("COMPILE", torch.cuda.is_available())
+        # quantization, EMA, export
+        e.qat_start_frac = frac("QAT_START_FRAC", 0.15)
+        e.quant_bits = self._bits(env("QUANT_BITS", "embed:8,bigram:6,attn:6,mlp:5,trn_in:6,trn_out:6,trn_ctrl:8"))
+        e.budget_bytes = pos("BUDGET_BYTES", 16_000_000)
+        e.ema_decay = frac("EMA_DECAY", 0.997)
+        e.ema_start_frac = frac("EMA_START_FRAC", 0.5)
+        # evaluation
+        e.eval_seq_len = pos("EVAL_SEQ_LEN", e.train_seq_len)
+        e.eval_stride = nonneg("EVAL_STRIDE", 64)
+        e.eval_batch_seqs = pos("EVAL_BATCH_SEQS", 32)
+        e.ttt_enabled = flag("TTT_ENABLED", 1)
+        e.ttt_rank = pos("TTT_RANK", 8)
+        e.ttt_lr = nonneg("TTT_LR", 0.01, float)
+        e.ttt_chunk = pos("TTT_CHUNK", 256)
+        e.ttt_batch_docs = pos("TTT_BATCH_DOCS", 32)
+        e.ttt_targets = env("TTT_TARGETS", "head,attn,trn_out").split(",")
+        e.eval_max_seconds = pos("EVAL_MAX_SECONDS", 600.0, float)
+        # checkpoints and robustness
+        e.checkpoint_every = nonneg("CHECKPOINT_EVERY", 0)
+        e.checkpoint_dir = env("CHECKPOINT_DIR", os.path.join("checkpoints", e.run_id))
+        e.checkpoint_keep = pos("CHECKPOINT_KEEP", 2)
+        e.resume_from = env("RESUME_FROM", "")
+        e.divergence_retries = nonneg("DIVERGENCE_RETRIES", 0)
+        self._check()
+
+    @staticmethod
+    def _bits(spec):
+        bits = {}
+        for item in spec.split(","):
+            name, _, b = item.partition(":")
+            if name not in QUANT_GROUPS or not b.isdigit() or not 2 <= int(b) <= 8:
+                raise UserError(f"QUANT_BITS item {item!r}: want group:bits with group in {','.join(QUANT_GROUPS)} and bits 2..8")
+            bits[name] = int(b)
+        missing = set(QUANT_GROUPS) - bits.keys()
+        if missing:
+            raise UserError(f"QUANT_BITS lacks {','.join(sorted(missing))}")
+        return bits
+
+    def _check(self):
+        e = self
+        if e.model_dim % e.num_heads or (e.model_dim // e.num_heads) % 2:
+            raise UserError(f"MODEL_DIM={e.model_dim} must be divisible by NUM_HEADS={e.num_heads} into an even head size")
+        if e.num_heads % e.num_kv_heads:
+            raise UserError(f"NUM_HEADS={e.num_heads} must be divisible by NUM_KV_HEADS={e.num_kv_heads}")
+        bad = [p for p in e.attn_positions if not 0 <= p < e.num_layers]
+        if bad:
+            raise UserError(f"ATTN_POSITIONS index {bad[0]} is out of range for NUM_LAYERS={e.num_layers}")
+        if e.train_batch_tokens % e.train_seq_len:
+            raise UserError(f"TRAIN_BATCH_TOKENS={e.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={e.train_seq_len}")
+        if e.bos_id >= e.vocab_size:
+            raise UserError(f"BOS_ID={e.bos_id} must be < VOCAB_SIZE={e.vocab_size}")
+        if e.eval_stride > e.eval_seq_len:
+            raise UserError(f"EVAL_STRIDE={e.eval_stride} must be <= EVAL_SEQ_LEN={e.eval_seq_len}")
+        bad = set(e.ttt_targets) - {"head", *QUANT_GROUPS}
+        if bad:
+            raise UserError(f"TTT_TARGETS has unknown {','.join(sorted(bad))}; choose from head,{','.join(QUANT_GROUPS)}")
+
+    @property
+    def attn_layers(self):
+        return set(range(self.num_layers)) if self.model_type == "transformer" else set(self.attn_positions)
+
+    def arch(self):
+        """The settings that fix the parameter shapes: stored in checkpoints and artifacts, checked on load."""
+        keys = ("vocab_size", "model_type", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "num_oscillators", "bigram_vocab_size", "bigram_dim", "use_token_shift")
+        return {k: getattr(self, k) for k in keys} | {"attn_layers": sorted(self.attn_layers)}
+
+
+# ----------------------------------------------------------------------------- data
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+DOWNLOAD_HINT = "get it with `python data/cached_challenge_fineweb.py --variant sp1024` from github.com/openai/parameter-golf"
+
+
+def shard_files(data_path, split):
+    if not os.path.isdir(data_path):
+        raise UserError(f"DATA_PATH={data_path} is not a directory; {DOWNLOAD_HINT}")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise UserError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; {DOWNLOAD_HINT}")
+    for f in files:
+        shard_len(f)
+    return files
+
+
+def shard_len(path):
+    """Validate a shard's header and exact size; return its token count."""
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise UserError(f"{path}: bad shard header (want magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    n, size = int(header[2]), os.path.getsize(path)
+    if size != 4 * HEADER_INTS + 2 * n:
+        raise UserError(f"{path}: {size} bytes but the header promises {n} tokens ({4 * HEADER_INTS + 2 * n} bytes): truncated or corrupt")
+    return n
+
+
+def load_shard(path, vocab_size):
+    tokens = np.fromfile(path, dtype="<u2", count=shard_len(path), offset=4 * HEADER_INTS)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+class TokenStream:
+    """Endless deterministic stream over the shards in name order; (shard, offset) is its whole state."""
+
+    def __init__(self, files, vocab_size):
+        self.files, self.vocab_size = files, vocab_size
+        self.shard, self.offset = 0, 0
+        self.tokens = load_shard(files[0], vocab_size)
+
+    def state(self):
+        return {"shard": self.shard, "offset": self.offset}
+
+    def restore(self, st):
+        if st["shard"] != self.shard:
+            self.tokens = load_shard(self.files[st["shard"]], self.vocab_size)
+        self.shard, self.offset = st["shard"], st["offset"]
+
+    def take(self, n):
+        parts = []
+        while n > 0:
+            if self.offset == len(self.tokens):
+                self.restore({"shard": (self.shard + 1) % len(self.files), "offset": 0})
+                continue
+            k = min(n, len(self.tokens) - self.offset)
+            parts.append(self.tokens[self.offset:self.offset + k])
+            self.offset, n = self.offset + k, n - k
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Every rank reads the same global batch and keeps its own rows, so the batch is the same for any world size."""
+
+    def __init__(self, h, rank, world_size, device):
+        self.stream = TokenStream(shard_files(h.data_path, "train"), h.vocab_size)
+        self.seq_len, self.n_seqs = h.train_seq_len, h.train_batch_tokens // h.train_seq_len
+        if self.n_seqs % world_size:
+            raise UserError(f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN = {self.n_seqs} sequences cannot be split over {world_size} processes")
+        self.rows = slice(rank * self.n_seqs // world_size, (rank + 1) * self.n_seqs // world_size)
+        self.micro, self.device = h.micro_batch_seqs, device
+
+    def next_batch(self):
+        """Yields (x, y, weight) micro-batches; weights sum to 1 over the rank's rows."""
+        chunk = self.stream.take(self.n_seqs * self.seq_len + 1)
+        self.stream.offset -= 1  # the last target is the next batch's first input
+        t = torch.from_numpy(chunk.astype(np.int64)).to(self.device, non_blocking=True)
+        x, y = t[:-1].view(self.n_seqs, -1)[self.rows], t[1:].view(self.n_seqs, -1)[self.rows]
+        return [(x[i:i + self.micro], y[i:i + self.micro], len(x[i:i + self.micro]) / len(x))
+                for i in range(0, len(x), self.micro)]
+
+
+# ----------------------------------------------------------------------------- metric
+
+def byte_luts(sp, vocab_size):
+    """Per-token UTF-8 byte counts exactly as the challenge counts them."""
+    if sp.vocab_size() != vocab_size:
+        raise UserError(f"tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise UserError("tokenizer has no '\u2581' piece: not a SentencePiece tokenizer this metric understands")
+    base = np.zeros(vocab_size, np.int16)
+    space = np.zeros(vocab_size, np.bool_)
+    boundary = np.ones(vocab_size, np.bool_)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a) for a in (base, space, boundary))
+
+
+def target_bytes(tokens, luts):
+    """Bytes of each target tokens[1:], given the previous token tokens[:-1]."""
+    base, space, boundary = (a.to(tokens.device) for a in luts)
+    prev, tgt = tokens[:-1].long(), tokens[1:].long()
+    return base[tgt].double() + (space[tgt] & ~boundary[prev]).double()
+
+
+# ----------------------------------------------------------------------------- model
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class _Scan(torch.autograd.Function):
+    """h_t = a_t * h_{t-1} + b_t along dim 1. Saves only a and h: the gradient w.r.t. b is the same
+    recurrence run backwards in time, so no doubling level is kept for autograd."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        h = _ks(a, b, reverse=False)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        a, h = ctx.saved_tensors
+        a_next = torch.cat((a[:, 1:], torch.zeros_like(a[:, :1])), 1)
+        gb = _ks(a_next, g.contiguous(), reverse=True)
+        h_prev = torch.cat((torch.zeros_like(h[:, :1]), h[:, :-1]), 1)
+        return (gb * h_prev).sum_to_size(a.shape), gb
+
+
+def _ks(a, b, reverse):
+    """Kogge-Stone inclusive scan of the affine maps (a_t, b_t) in ceil(log2 T) doubling steps, in place
+    on fresh copies. `a` may broadcast over b's trailing dims (real and imaginary parts share it)."""
+    a, b = a.clone(), b.clone()
+    T, d = b.size(1), 1
+    while d < T:
+        src, dst = (slice(d, None), slice(None, -d)) if reverse else (slice(None, -d), slice(d, None))
+        b[:, dst] += a[:, dst] * b[:, src]
+        if 2 * d < T:
+            a[:, dst] = a[:, dst] * a[:, src]
+        d *= 2
+    return b
+
+
+def kogge_stone_scan(a: Tensor, b: Tensor) -> Tensor:
+    """h with h_t = a_t * h_{t-1} + b_t along dim 1 (h_{-1} = 0); a has b's shape or broadcasts over its trailing dims."""
+    return _Scan.apply(a, b)
+
+
+def fake_quant(w, bits):
+    """Per-row symmetric quantize-dequantize (the same grid the exporter starts from)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+def lora(x, y, ab):
+    return y if ab is None else y + (x @ ab[0].to(x.dtype)) @ ab[1].to(x.dtype)
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, compute in the autocast dtype. `group` names its quantization group; `qat`
+    is a tensor switch so turning fake quantization on does not recompile; `lora` holds TTT adapters."""
+
+    def __init__(self, fan_in, fan_out, group, zero=False):
+        super().__init__(fan_in, fan_out, bias=False)
+        self.group, self.lora = group, None
+        self.register_buffer("qat", torch.zeros(()), persistent=False)
+        if zero:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        w = self.weight
+        if self.qbits:
+            w = w + self.qat * (fake_quant(w, self.qbits) - w).detach()
+        return lora(x, F.linear(x, w.to(x.dtype)), self.lora)
+
+    qbits = 0  # set per model from QUANT_BITS
+
+
+class MLP(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc, self.proj = CastedLinear(h.model_dim, hidden, "mlp"), CastedLinear(hidden, h.model_dim, "mlp", zero=True)
+
+    def forward(self, x):
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim, base):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, dim, 2).float() / dim), persistent=False)
+
+    def forward(self, T, device):
+        f = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.inv_freq)
+        return f.cos()[None, None], f.sin()[None, None]
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), -1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE and RMS-normed q, k; SDPA picks flash on GPU."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.nh, self.nkv, self.hd = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
+        self.q = CastedLinear(h.model_dim, h.model_dim, "attn")
+        self.kv = CastedLinear(h.model_dim, 2 * self.nkv * self.hd, "attn")
+        self.proj = CastedLinear(h.model_dim, h.model_dim, "attn", zero=True)
+        self.rotary = Rotary(self.hd, h.rope_base)
+
+    def forward(self, x, ctx):
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.nkv, self.hd).transpose(1, 3).unbind(2)
+        cos, sin = self.rotary(T, x.device)
+        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class TRN(nn.Module):
+    """K complex oscillators: r_t = a_t r_{t-1} + (1 - a_t) A_t exp(j theta_t), theta_t = w_t log(1+t) + p_t,
+    output = gate * (r_t exp(-j theta_t)) mapped back to the model width. Control path in fp32."""
+
+    def __init__(self, h):
+        super().__init__()
+        D, K = h.model_dim, h.num_oscillators
+        self.K = K
+        self.ctrl = CastedLinear(D, 3 * K, "trn_ctrl")  # frequency, phase, decay
+        self.inp = CastedLinear(D, 2 * K, "trn_in")  # amplitude, output gate
+        self.out = CastedLinear(2 * K, D, "trn_out", zero=True)
+        nn.init.normal_(self.ctrl.weight, std=0.1 / math.sqrt(D))
+        # time constants 2..T tokens (decay = 1 - 1/tau) and base frequencies over two decades
+        tau = torch.logspace(math.log10(2), math.log10(max(h.train_seq_len, 4)), K)
+        self.decay_logit = nn.Parameter(torch.log(tau - 1))
+        self.freq = nn.Parameter(torch.logspace(-1.5, 0.5, K))
+        self.shift_mix = nn.Parameter(torch.full((D,), 0.5)) if h.use_token_shift else None
+
+    def forward(self, x, ctx):
+        keep, logpos = ctx  # keep: 0 at a document start (state reset), (B, T, 1)
+        if self.shift_mix is not None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * keep.to(x.dtype)
+            x = x + self.shift_mix.to(x.dtype) * (prev - x)
+        with torch.autocast(x.device.type, enabled=False):
+            w, p, d = self.ctrl(x.float()).unflatten(-1, (3, self.K)).unbind(-2)
+        amp, gate = self.inp(x).float().unflatten(-1, (2, self.K)).unbind(-2)
+        a = torch.sigmoid(d + self.decay_logit) * keep
+        theta = (w + self.freq) * logpos + p
+        rot = torch.stack((theta.cos(), theta.sin()), -1)
+        r = kogge_stone_scan(a.unsqueeze(-1), ((1 - a) * amp).unsqueeze(-1) * rot)
+        c, s = rot.unbind(-1)
+        re, im = r.unbind(-1)
+        y = torch.stack((re * c + im * s, im * c - re * s), -1) * F.silu(gate).unsqueeze(-1)
+        return self.out(y.flatten(-2).to(x.dtype))
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token); a document start has no previous token."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.n = h.bigram_vocab_size
+        self.emb = nn.Embedding(self.n, h.bigram_dim)
+        nn.init.zeros_(self.emb.weight)
+        self.proj = CastedLinear(h.bigram_dim, h.model_dim, "bigram")
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids, keep):
+        prev = torch.where(keep.squeeze(-1) > 0, F.pad(ids[:, :-1], (1, 0)), self.n)
+        return self.scale * self.proj(self.emb((prev * 1_000_003 + ids) % self.n))
+
+
+class Block(nn.Module):
+    def __init__(self, h, attn):
+        super().__init__()
+        D = h.model_dim
+        self.mixer = Attention(h) if attn else TRN(h)
+        self.mlp = MLP(h)
+        self.mix_scale, self.mlp_scale = nn.Parameter(torch.ones(D)), nn.Parameter(torch.ones(D))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(D), torch.zeros(D))))
+
+    def forward(self, x, x0, ctx):
+        x = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
+        x = x + self.mix_scale.to(x.dtype) * self.mixer(rms_norm(x), ctx)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.h, self.head_lora = h, None
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
+        self.blocks = nn.ModuleList(Block(h, i in h.attn_layers) for i in range(h.num_layers))
+        self.n_enc = h.num_layers // 2  # U-Net: encoder outputs feed the mirrored decoder layers
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, h.num_layers - self.n_enc), h.model_dim))
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                m.qbits = h.quant_bits[m.group]
+
+    def forward_logits(self, ids):
+        h = self.h
+        T = ids.size(1)
+        keep = torch.ones_like(ids, dtype=torch.float32)
+        if h.reset_at_bos:
+            keep = (ids != h.bos_id).float()
+        keep = keep.unsqueeze(-1)
+        logpos = torch.log1p(torch.arange(T, device=ids.device, dtype=torch.float32))[:, None]
+        ctx = (keep, logpos)
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, keep)
+        x = x0 = rms_norm(x)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - (h.num_layers - len(self.skip_weights))
+            if j >= 0:
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = block(x, x0, ctx)
+            if i < len(self.skip_weights):
+                skips.append(x)
+        x = rms_norm(x)
+        logits = lora(x, F.linear(x, self.tok_emb.weight.to(x.dtype)), self.head_lora).float()
+        return h.logit_softcap * torch.tanh(logits / h.logit_softcap)
+
+    def forward(self, input_ids, target_ids, reduction="mean"):
+        logits = self.forward_logits(input_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
+        return loss if reduction == "mean" else loss.view_as(target_ids)
+
+
+def set_qat(model, on):
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.qat.fill_(float(on))
+
+
+def param_groups(model):
+    """Name -> tensors by role, for logging and for the optimizers."""
+    groups = {"embed": [], "matrix": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name.endswith("emb.weight"):
+            groups["embed"].append(p)
+        elif p.ndim == 2 and "skip_weights" not in name and "resid_mix" not in name:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def make_optimizers(model, h):
+    g = param_groups(model)
+    muon = torch.optim.Muon(g["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.weight_decay,
+                            ns_steps=h.muon_backend_steps, adjust_lr_fn="original")
+    adam = torch.optim.Adam([{"params": g["embed"], "lr": h.tied_embed_lr}, {"params": g["scalar"], "lr": h.scalar_lr}],
+                            betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=torch.cuda.is_available())
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [muon, adam]
+
+
+def lr_scale(h, step, elapsed_ms):
+    """1 until the last warmdown stretch, then linear to 0. With a wallclock cap the stretch is the last
+    WARMDOWN_FRAC of the time, so a slow GPU never starts decaying early; the step cap uses WARMDOWN_ITERS."""
+    s = 1.0
+    if h.warmdown_iters:
+        s = min(s, (h.iterations - step) / h.warmdown_iters)
+    if h.max_wallclock_seconds and h.warmdown_frac:
+        s = min(s, (1 - elapsed_ms / (1000 * h.max_wallclock_seconds)) / h.warmdown_frac)
+    return max(s, 0.0)
+
+
+def progress(h, step, elapsed_ms):
+    p = step / h.iterations
+    if h.max_wallclock_seconds:
+        p = max(p, elapsed_ms / (1000 * h.max_wallclock_seconds))
+    return min(p, 1.0)
+
+
+# ----------------------------------------------------------------------------- quantization and export
+
+def quant_groups(model):
+    """Parameter name -> quantization group; everything else is stored as float."""
+    out = {"tok_emb.weight": "embed"}
+    if model.bigram is not None:
+        out["bigram.emb.weight"] = "bigram"
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear):
+            out[name + ".weight"] = m.group
+    return out
+
+
+def quantize(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
+    """Per-row symmetric codes (int8 storage) and fp16 scales, the clip of each row chosen to minimise its error."""
+    w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(1, keepdim=True)
+    best_err, best_s = None, None
+    for c in clips:
+        s = (amax * c / qmax).clamp_min(1e-10).half().float()
+        err = (torch.clamp(torch.round(w / s), -qmax, qmax) * s - w).square().sum(1, keepdim=True)
+        if best_err is None:
+            best_err, best_s = err, s
+        else:
+            better = err < best_err
+            best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+    q = torch.clamp(torch.round(w / best_s), -qmax, qmax).to(torch.int8)
+    return q, best_s.half()
+
+
+def code_entropy_bytes(q):
+    counts = torch.bincount((q.flatten().long() + 128), minlength=256).double()
+    p = counts[counts > 0] / q.numel()
+    return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+def zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError("the export needs the zstandard package: pip install zstandard") from None
+    return zstandard
+
+
+def pack(state, qgroups, bits, arch, prune=0):
+    """Self-describing blob: arch settings, integer codes one per byte, fp16 row scales, float tensors."""
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if name in qgroups:
+            q, s = quantize(t, bits[qgroups[name]])
+            if prune:
+                q = torch.where(q.abs() <= prune, torch.zeros_like(q), q)
+            tensors[name] = {"q": q.contiguous(), "s": s.contiguous()}
+        else:
+            tensors[name] = t.float().contiguous()
+    buf = io.BytesIO()
+    torch.save({"arch": arch, "bits": dict(bits), "tensors": tensors}, buf)
+    return buf.getvalue()
+
+
+def unpack(blob):
+    obj = torch.load(io.BytesIO(zstd().ZstdDecompressor().decompress(blob)), map_location="cpu", weights_only=True)
+    state = {name: (t["q"].float() * t["s"].float() if isinstance(t, dict) else t) for name, t in obj["tensors"].items()}
+    return obj["arch"], obj["bits"], state
+
+
+def fit_budget(state, qgroups, h, code_bytes, log):
+    """Choose per-group bit widths (from QUANT_BITS down to 4), then light pruning of the smallest codes, so that
+    code + compressed blob fits BUDGET_BYTES. Sizes are estimated from code entropy, calibrated on real zstd
+    output; each dropped bit is the one costing the least relative reconstruction error per byte saved."""
+    bits, prune, calib = dict(h.quant_bits), 0, 1.0
+    names = {g: [n for n in qgroups if qgroups[n] == g] for g in sorted(set(qgroups.values()))}
+    cache = {}
+
+    def stats(g, b):  # (estimated bytes, summed relative squared error) of group g at b bits
+        if (g, b) not in cache:
+            size = err = 0.0
+            for n in names[g]:
+                w = state[n].float()
+                q, s = quantize(w, b)
+                size += code_entropy_bytes(q) + 2 * s.numel()
+                err += float((q.float() * s.float() - w).square().sum() / w.square().sum().clamp_min(1e-20))
+            cache[g, b] = (size, err)
+        return cache[g, b]
+
+    def harm_per_byte(g):
+        (s1, e1), (s0, e0) = stats(g, bits[g]), stats(g, bits[g] - 1)
+        return (e0 - e1) / max(s1 - s0, 1.0)
+
+    float_bytes = sum(4 * t.numel() for n, t in state.items() if n not in qgroups)
+    estimate = lambda: float_bytes + sum(stats(g, bits[g])[0] for g in names)
+    limit = h.budget_bytes - code_bytes
+    for _ in range(8):
+        while calib * estimate() > limit and any(bits[g] > 4 for g in names):
+            g = min((g for g in names if bits[g] > 4), key=harm_per_byte)
+            bits[g] -= 1
+        blob = zstd().ZstdCompressor(level=22).compress(pack(state, qgroups, bits, h.arch(), prune))
+        if len(blob) <= limit:
+            break
+        if len(blob) / estimate() > calib * 1.001 and any(bits[g] > 4 for g in names):
+            calib = len(blob) / estimate()  # the estimate was optimistic: plan again
+        elif prune < 2:
+            prune += 1
+        else:
+            break
+    log(f"quant_bits {' '.join(f'{g}:{bits[g]}' for g in names)} prune:{prune}")
+    return blob
+
+
+# ----------------------------------------------------------------------------- evaluation
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+
+def eval_windows(n_targets, seq_len, stride):
+    """Windows (start, first scored offset) over targets 0..n-1: each scores the targets the previous one did
+    not, so every target is scored exactly once, with at least seq_len - stride tokens of context after the
+    first window; the last window ends exactly at the last target."""
+    L = min(seq_len, n_targets)
+    ends = np.append(np.arange(L, n_targets, stride), n_targets)
+    starts = ends - L
+    return starts, np.concatenate(([0], ends[:-1])) - starts
+
+
+def my_share(n, rank, world_size):
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+@torch.no_grad()
+def score_windows(model, val, seq_len, stride, batch_seqs, rank=0, world_size=1):
+    """Per-target nll and score counts for this rank's share of the windows (summed over ranks by finish())."""
+    n = val.numel() - 1
+    nll, cnt = torch.zeros(n, dtype=torch.float64, device=val.device), torch.zeros(n, dtype=torch.int32, device=val.device)
+    starts, offsets = eval_windows(n, seq_len, stride)
+    share = my_share(len(starts), rank, world_size)
+    starts, offsets = torch.as_tensor(starts[share], device=val.device), torch.as_tensor(offsets[share], device=val.device)
+    L = min(seq_len, n)
+    ar = torch.arange(L, device=val.device)
+    for i in range(0, len(starts), batch_seqs):
+        idx = starts[i:i + batch_seqs, None] + ar
+        with autocast(val.device):
+            loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
+        mask = ar >= offsets[i:i + batch_seqs, None]
+        nll.index_add_(0, idx[mask], loss[mask].double())
+        cnt.index_add_(0, idx[mask], torch.ones_like(idx[mask], dtype=torch.int32))
+    return nll, cnt
+
+
+def finish(nll, cnt, tbytes):
+    """All-reduce per-target scores, insist every target was scored exactly once, return (loss, bpb, tokens, bytes)."""
+    if dist.is_initialized():
+        dist.all_reduce(nll)
+        dist.all_reduce(cnt)
+    if not bool((cnt == 1).all()):
+        raise RuntimeError(f"evaluation bug: {(cnt == 0).sum()} targets unscored, {(cnt > 1).sum()} scored twice")
+    loss = float(nll.sum()) / nll.numel()
+    return loss, float(nll.sum()) / math.log(2) / float(tbytes.sum()), nll.numel(), int(tbytes.sum())
+
+
+def doc_spans(val, bos_id):
+    """Target ranges [s, e) of the documents: a document's inputs are val[s:e], its targets val[s+1:e+1]
+    (the last one is the next document's BOS, which the flat evaluation scores too)."""
+    n = val.numel() - 1
+    starts = torch.nonzero(val[:n] == bos_id).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
+    """Legal score-first LoRA TTT. Per batch of documents (each with its own adapters, reset per document),
+    chunk by chunk: score the chunk with the current adapters, then take one Adam step on that chunk's loss.
+    A chunk's scores depend only on tokens up to its end. After `deadline` (time.time()), the remaining
+    documents are scored without adaptation."""
+    n, C, L, dev = val.numel() - 1, h.ttt_chunk, max(h.eval_seq_len, h.ttt_chunk), val.device
+    nll, cnt = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)
+    docs = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[1] - se[0])
+    targets = [m for m in model.modules() if isinstance(m, CastedLinear) and m.group in h.ttt_targets]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapt, t0, done_tokens, plain_docs = True, time.time(), 0, 0
+    total_tokens = sum(e - s for s, e in docs)
+    for bi in range(0, len(docs), h.ttt_batch_docs):
+        batch = docs[bi:bi + h.ttt_batch_docs]
+        if adapt and deadline is not None and done_tokens and \
+                time.time() + (time.time() - t0) / done_tokens * (total_tokens - done_tokens) > deadline:
+            adapt = False
+            log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; scoring the last {len(docs) - bi} of {len(docs)} documents on rank {rank} without TTT")
+        if not adapt:
+            plain_docs += len(batch)
+        B = len(batch)
+        params = []
+        if adapt:
+            def make(fan_in, fan_out):
+                A = (torch.randn(B, fan_in, h.ttt_rank, device=dev) / math.sqrt(fan_in)).requires_grad_()
+                Bm = torch.zeros(B, h.ttt_rank, fan_out, device=dev, requires_grad=True)
+                params.extend((A, Bm))
+                return A, Bm
+            for m in targets:
+                m.lora = make(m.in_features, m.out_features)
+            if "head" in h.ttt_targets:
+                model.head_lora = make(h.model_dim, h.vocab_size)
+            opt = torch.optim.Adam(params, lr=h.ttt_lr, betas=(0.9, 0.95))
+        lens = torch.tensor([e - s for s, e in batch], device=dev)
+        starts = torch.tensor([s for s, _ in batch], device=dev)
+        for c0 in range(0, int(lens.max()), C):
+            lo, hi = max(0, c0 + C - L), c0 + C
+            rel = torch.arange(lo, hi, device=dev)
+            valid = rel[None] < lens[:, None]
+            idx = torch.where(valid, starts[:, None] + rel, 0)
+            with torch.set_grad_enabled(adapt), autocast(dev):
+                loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
+            mask = valid & (rel >= c0)[None]
+            nll.index_add_(0, idx[mask], loss.detach()[mask].double())
+            cnt.index_add_(0, idx[mask], torch.ones_like(idx[mask], dtype=torch.int32))
+            if adapt and c0 + C < int(lens.max()):
+                per_doc = (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+                opt.zero_grad(set_to_none=True)
+                per_doc.sum().backward()
+                opt.step()
+        done_tokens += int(lens.sum())
+        for m in targets:
+            m.lora = None
+        model.head_lora = None
+    return nll, cnt, plain_docs
+
+
+
+# ----------------------------------------------------------------------------- checkpoints and outputs
+
+def atomic_write(path, data):
+    """Temporary file, fsync, rename: a reader sees the old file or the whole new one, never a part."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_config(h):
+    return h.arch() | {"train_seq_len": h.train_seq_len, "train_batch_tokens": h.train_batch_tokens}
+
+
+def save_checkpoint(h, state):
+    path = os.path.join(h.checkpoint_dir, f"step_{state['step']:07d}.pt")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+    for old in sorted(glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")))[:-h.checkpoint_keep]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(h, path):
+    if path == "latest":
+        found = sorted(glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")))
+        if not found:
+            raise UserError(f"RESUME_FROM=latest: no checkpoint in CHECKPOINT_DIR={h.checkpoint_dir}")
+        path = found[-1]
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    if not isinstance(ck, dict) or "config" not in ck:
+        raise UserError(f"checkpoint {path} is not a train_gpt.py checkpoint")
+    want = run_config(h)
+    diff = [f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in want.items() if ck["config"].get(k) != v]
+    if diff:
+        raise UserError(f"checkpoint {path} was made with different settings: {', '.join(diff)}")
+    return path, ck
+
+
+# ----------------------------------------------------------------------------- main
+
+def train_and_evaluate(h):
+    distributed = "RANK" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    logfile = os.path.join("logs", f"{h.run_id}.txt")
+    if os.path.exists(logfile) and not (h.overwrite or h.resume_from):
+        raise UserError(f"{logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    master = rank == 0
+    if master:
+        os.makedirs("logs", exist_ok=True)
+        if not h.resume_from:
+            open(logfile, "w").close()
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+            with open(logfile, "a") as f:
+                f.write(msg + "\n")
+
+    torch.manual_seed(h.seed)
+    import sentencepiece as spm
+    if not os.path.isfile(h.tokenizer_path):
+        raise UserError(f"TOKENIZER_PATH={h.tokenizer_path} does not exist; {DOWNLOAD_HINT}")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    luts = byte_luts(sp, h.vocab_size)
+    if h.reset_at_bos and sp.bos_id() != h.bos_id:
+        raise UserError(f"BOS_ID={h.bos_id} but the tokenizer's BOS id is {sp.bos_id()}")
+    val = torch.from_numpy(np.concatenate([load_shard(f, h.vocab_size) for f in shard_files(h.data_path, "val")]).astype(np.int32)).to(device)
+    tbytes = target_bytes(val, luts)
+    loader = TrainLoader(h, rank, world_size, device)
+    log(f"run_id:{h.run_id} world_size:{world_size} device:{torch.cuda.get_device_name(device) if cuda else 'cpu'} torch:{torch.__version__}")
+    log("config " + " ".join(f"{k}:{v}" for k, v in sorted(vars(h).items())))
+
+    base = GPT(h).to(device)
+    qgroups = quant_groups(base)
+    counts = {}
+    for name, p in base.named_parameters():
+        counts[qgroups.get(name, "float")] = counts.get(qgroups.get(name, "float"), 0) + p.numel()
+    log(f"params total:{sum(counts.values())} " + " ".join(f"{g}:{n}" for g, n in sorted(counts.items())))
+    compiled = torch.compile(base, dynamic=False) if h.compile else base
+    model = nn.parallel.DistributedDataParallel(compiled, device_ids=[device] if cuda else None, broadcast_buffers=False) if distributed else compiled
+    opts = make_optimizers(base, h)
+    params = list(base.parameters())
+
+    def train_step(step, elapsed_ms, lr_mult):
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult * lr_scale(h, step, elapsed_ms)
+        w = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+        opts[0].param_groups[0]["momentum"] = (1 - w) * h.muon_momentum_warmup_start + w * h.muon_momentum
+        micro = loader.next_batch()
+        total = torch.zeros((), device=device)
+        for i, (x, y, weight) in enumerate(micro):
+            if distributed:
+                model.require_backward_grad_sync = i == len(micro) - 1
+            with autocast(device):
+                loss = model(x, y)
+            (loss * weight).backward()
+            total += loss.detach() * weight
+        gnorm = nn.utils.clip_grad_norm_(params, h.grad_clip_norm or float("inf"))
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total, gnorm
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if h.warmup_steps:  # compile and warm the kernels, then put back the initial weights, optimizer and data
+        snapshot = copy.deepcopy(base.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts], loader.stream.state()
+        for _ in range(h.warmup_steps):
+            train_step(0, 0.0, 1.0)
+        base.load_state_dict(snapshot[0])
+        for o, s in zip(opts, snapshot[1]):
+            o.load_state_dict(s)
+        loader.stream.restore(snapshot[2])
+        log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
+
+    step, train_ms, lr_mult, retries, ema, ema_step, last_ckpt = 0, 0.0, 1.0, h.divergence_retries, None, None, None
+
+    def checkpoint_state():
+        return {"config": run_config(h), "step": step, "train_ms": train_ms, "lr_mult": lr_mult, "model": base.state_dict(),
+                "opts": [o.state_dict() for o in opts], "ema": ema, "ema_step": ema_step, "loader": loader.stream.state(),
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}
+
+    def restore(ck):
+        nonlocal step, train_ms, lr_mult, ema, ema_step
+        base.load_state_dict(ck["model"])
+        for o, s in zip(opts, ck["opts"]):
+            o.load_state_dict(s)
+        loader.stream.restore(ck["loader"])
+        torch.set_rng_state(ck["rng"])
+        if cuda and ck["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        ema = None if ck["ema"] is None else [t.to(device) for t in ck["ema"]]
+        step, train_ms, lr_mult, ema_step = ck["step"], ck["train_ms"], ck["lr_mult"], ck["ema_step"]
+
+    def write_checkpoint():
+        nonlocal last_ckpt
+        if master:
+            last_ckpt = save_checkpoint(h, checkpoint_state())
+            log(f"checkpoint:{last_ckpt} step:{step}")
+        if distributed:
+            dist.barrier()
+
+    if h.resume_from:
+        last_ckpt, ck = load_checkpoint(h, h.resume_from)
+        restore(ck)
+        log(f"resumed_from:{last_ckpt} step:{step} train_time:{train_ms:.0f}ms")
+
+    got_signal = []
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: got_signal.append(signum))
+
+    def evaluate(seq_len, stride, batch_seqs):
+        nll, cnt = score_windows(compiled, val, seq_len, stride, batch_seqs, rank, world_size)
+        return finish(nll, cnt, tbytes)
+
+    flat_batch = max(1, h.val_batch_size // (h.train_seq_len * world_size))
+    sync()
+    t0 = time.perf_counter()
+    stop_after = False
+    while True:
+        last = step >= h.iterations or stop_after
+        if last or (h.val_loss_every and step % h.val_loss_every == 0 and step):
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            loss, bpb, ntok, nbytes = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
+            log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} train_time:{train_ms:.0f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        p = progress(h, step, elapsed)
+        set_qat(base, p >= h.qat_start_frac)
+        loss, gnorm = train_step(step, elapsed, lr_mult)
+        step += 1
+        if p >= h.ema_start_frac:
+            if ema is None:
+                ema, ema_step = [t.detach().clone() for t in params], step
+                log(f"ema_start step:{step}")
+            else:
+                torch._foreach_lerp_(ema, [t.detach() for t in params], 1 - h.ema_decay)
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        flags = torch.tensor([bool(h.max_wallclock_seconds) and elapsed >= 1000 * h.max_wallclock_seconds, bool(got_signal),
+                              not (torch.isfinite(loss) and torch.isfinite(gnorm))], dtype=torch.float32, device=device)
+        if distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        capped, signalled, diverged = flags.tolist()
+        if diverged:
+            if retries and last_ckpt:
+                bad_step = step
+                restore(torch.load(last_ckpt, map_location="cpu", weights_only=True))
+                retries, lr_mult = retries - 1, lr_mult * 0.5
+                log(f"divergence at step:{bad_step}: rolled back to {last_ckpt} (step {step}) with learning rates x{lr_mult}")
+                t0 = time.perf_counter()
+                continue
+            raise UserError(f"non-finite loss or gradient norm at step {step}; last good checkpoint: {last_ckpt or 'none (set CHECKPOINT_EVERY)'}; "
+                            "lower MATRIX_LR/SCALAR_LR or set GRAD_CLIP_NORM, then RESUME_FROM it")
+        if step % h.train_log_every == 0 or step <= 10:
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
+        if signalled or (h.checkpoint_every and step % h.checkpoint_every == 0):
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            write_checkpoint()
+            t0 = time.perf_counter()
+        if signalled:
+            log(f"stopped_by_signal step:{step}")
+            return 128 + (got_signal[0] if got_signal else signal.SIGTERM)
+        stop_after = bool(capped)
+    if cuda:
+        log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+
+    # --- export the (EMA) weights, reload them from the artifact bytes, score them
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+        log(f"export: EMA weights (decay {h.ema_decay}, from step {ema_step})")
+    else:
+        log("export: live weights (EMA did not start)")
+    set_qat(base, False)
+    pre_loss, pre_bpb, _, _ = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
+    log(f"final_prequant val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
+    code_bytes = len(open(__file__, "rb").read())
+    blob = [fit_budget({k: v.cpu() for k, v in base.state_dict().items()}, qgroups, h, code_bytes, log) if master else None]
+    if distributed:
+        dist.broadcast_object_list(blob, src=0)
+    blob = blob[0]
+    artifact = os.path.join("logs", f"{h.run_id}.model.ptz")
+    if master:
+        atomic_write(artifact, blob)
+    total = code_bytes + len(blob)
+    log(f"Total submission size: {total} bytes (code:{code_bytes} model:{len(blob)}) artifact:{artifact}")
+    arch, bits, state = unpack(blob)
+    if arch != h.arch():
+        raise RuntimeError(f"artifact architecture {arch} differs from the model's {h.arch()}")
+    base.load_state_dict(state, strict=True)
+
+    t_eval = time.time()
+    loss, bpb, ntok, nbytes = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
+    log(f"final_int5_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} eval_time:{1000 * (time.time() - t_eval):.0f}ms")
+    log(f"final_int5_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
+    if 0 < h.eval_stride < h.eval_seq_len:
+        t = time.time()
+        s_loss, s_bpb, s_ntok, _ = evaluate(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
+        log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
+    if h.ttt_enabled:
+        t = time.time()
+        nll, cnt, plain = score_ttt(base, val, h, rank, world_size, deadline=t_eval + h.eval_max_seconds, log=log)
+        t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tbytes)
+        note = f" plain_scored_docs:{plain}" if plain else ""
+        log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} eval_time:{1000 * (time.time() - t):.0f}ms{note}")
+    if total > h.budget_bytes:
+        raise UserError(f"artifact is {total} bytes, over BUDGET_BYTES={h.budget_bytes}: lower QUANT_BITS or shrink the model (files kept: {artifact})")
+    return 0
+
+
+def main():
+    try:
+        code = train_and_evaluate(Hyperparameters())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
