@@ -66,7 +66,7 @@ class Hyperparameters:
         # data and run
         e.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         e.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-        e.run_id = env("RUN_ID", uuid.uuid4().hex[:12])
+        e.run_id = env("RUN_ID", "")  # default: a fresh id chosen by rank 0
         e.seed = env("SEED", 1337, int)
         e.overwrite = flag("OVERWRITE", 0)
         # model
@@ -131,10 +131,14 @@ class Hyperparameters:
         e.eval_max_seconds = pos("EVAL_MAX_SECONDS", 600.0, float)
         # checkpoints and robustness
         e.checkpoint_every = nonneg("CHECKPOINT_EVERY", 0)
-        e.checkpoint_dir = env("CHECKPOINT_DIR", os.path.join("checkpoints", e.run_id))
+        e.checkpoint_dir = env("CHECKPOINT_DIR", "")  # default checkpoints/<RUN_ID>, set once RUN_ID is agreed
         e.checkpoint_keep = pos("CHECKPOINT_KEEP", 2)
         e.resume_from = env("RESUME_FROM", "")
         e.divergence_retries = nonneg("DIVERGENCE_RETRIES", 0)
+        # submission metadata
+        e.author, e.github_id = env("AUTHOR", "unknown"), env("GITHUB_ID", "unknown")
+        e.run_name = env("RUN_NAME", "TRN hybrid")
+        e.blurb = env("BLURB", "TRN oscillator recurrence + causal attention hybrid, int5/6/8 QAT, zstd-22")
         self._check()
 
     @staticmethod
@@ -443,10 +447,11 @@ class TRN(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w, p, d = self.ctrl(x.float()).unflatten(-1, (3, self.K)).unbind(-2)
         amp, gate = self.inp(x).float().unflatten(-1, (2, self.K)).unbind(-2)
-        a = torch.sigmoid(d + self.decay_logit) * keep
+        a = torch.sigmoid(d + self.decay_logit)
         theta = (w + self.freq) * logpos + p
         rot = torch.stack((theta.cos(), theta.sin()), -1)
-        r = kogge_stone_scan(a.unsqueeze(-1), ((1 - a) * amp).unsqueeze(-1) * rot)
+        # a document start drops the old state and enters like a sequence start: r = (1 - a) A exp(j theta)
+        r = kogge_stone_scan((a * keep).unsqueeze(-1), ((1 - a) * amp).unsqueeze(-1) * rot)
         c, s = rot.unbind(-1)
         re, im = r.unbind(-1)
         y = torch.stack((re * c + im * s, im * c - re * s), -1) * F.silu(gate).unsqueeze(-1)
@@ -487,7 +492,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, h):
         super().__init__()
-        self.h, self.head_lora = h, None
+        self.h, self.lora = h, None  # lora: TTT adapters of the output head
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
@@ -500,13 +505,12 @@ class GPT(nn.Module):
 
     def forward_logits(self, ids):
         h = self.h
-        T = ids.size(1)
+        t = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
         keep = torch.ones_like(ids, dtype=torch.float32)
-        if h.reset_at_bos:
+        if h.reset_at_bos:  # a document start looks like a sequence start: no state, position 0
             keep = (ids != h.bos_id).float()
-        keep = keep.unsqueeze(-1)
-        logpos = torch.log1p(torch.arange(T, device=ids.device, dtype=torch.float32))[:, None]
-        ctx = (keep, logpos)
+            t = t - torch.where(keep > 0, 0, t).cummax(1).values
+        ctx = (keep.unsqueeze(-1), torch.log1p(t.float()).unsqueeze(-1))
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids, keep)
@@ -520,13 +524,13 @@ class GPT(nn.Module):
             if i < len(self.skip_weights):
                 skips.append(x)
         x = rms_norm(x)
-        logits = lora(x, F.linear(x, self.tok_emb.weight.to(x.dtype)), self.head_lora).float()
+        logits = lora(x, F.linear(x, self.tok_emb.weight.to(x.dtype)), self.lora).float()
         return h.logit_softcap * torch.tanh(logits / h.logit_softcap)
 
     def forward(self, input_ids, target_ids, reduction="mean"):
         logits = self.forward_logits(input_ids)
         loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
-        return loss if reduction == "mean" else loss.view_as(target_ids)
+        return loss.view_as(target_ids) if reduction == "none" else loss
 
 
 def set_qat(model, on):
@@ -722,10 +726,11 @@ def score_windows(model, val, seq_len, stride, batch_seqs, rank=0, world_size=1)
     L = min(seq_len, n)
     ar = torch.arange(L, device=val.device)
     for i in range(0, len(starts), batch_seqs):
-        idx = starts[i:i + batch_seqs, None] + ar
+        rows = torch.arange(i, i + batch_seqs, device=val.device).clamp_max(len(starts) - 1)  # full batches: one compiled shape
+        idx = starts[rows, None] + ar
         with autocast(val.device):
             loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
-        mask = ar >= offsets[i:i + batch_seqs, None]
+        mask = (ar >= offsets[rows, None]) & (rows >= i + torch.arange(len(rows), device=val.device))[:, None]
         nll.index_add_(0, idx[mask], loss[mask].double())
         cnt.index_add_(0, idx[mask], torch.ones_like(idx[mask], dtype=torch.int32))
     return nll, cnt
@@ -753,61 +758,56 @@ def doc_spans(val, bos_id):
 
 
 def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
-    """Legal score-first LoRA TTT. Per batch of documents (each with its own adapters, reset per document),
-    chunk by chunk: score the chunk with the current adapters, then take one Adam step on that chunk's loss.
-    A chunk's scores depend only on tokens up to its end. After `deadline` (time.time()), the remaining
-    documents are scored without adaptation."""
+    """Legal score-first LoRA TTT. Documents go in batches, each document with its own adapters, fresh per
+    document. Chunk by chunk: score the chunk with the current adapters, then take one Adam step on that chunk's
+    loss, so a chunk's scores depend only on tokens up to its end. Longest documents first, so the time estimate
+    is pessimistic: once the rest would end after `deadline` (time.time()), adaptation stops and the remaining
+    tokens are scored plainly. Returns per-target nll, score counts and the number of plainly scored tokens."""
     n, C, L, dev = val.numel() - 1, h.ttt_chunk, max(h.eval_seq_len, h.ttt_chunk), val.device
     nll, cnt = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)
-    docs = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[1] - se[0])
-    targets = [m for m in model.modules() if isinstance(m, CastedLinear) and m.group in h.ttt_targets]
+    docs = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[0] - se[1])
+    owners = [(m, m.weight) for m in model.modules() if isinstance(m, CastedLinear) and m.group in h.ttt_targets]
+    owners += [(model, model.tok_emb.weight)] * ("head" in h.ttt_targets)  # the tied output head
     for p in model.parameters():
         p.requires_grad_(False)
-    adapt, t0, done_tokens, plain_docs = True, time.time(), 0, 0
-    total_tokens = sum(e - s for s, e in docs)
+    adapt, t0, done, plain, total = True, time.time(), 0, 0, sum(e - s for s, e in docs)
+
+    def adapters(B, fan_in, fan_out):  # B starts at zero, so fresh adapters leave the model unchanged
+        return ((torch.randn(B, fan_in, h.ttt_rank, device=dev) / math.sqrt(fan_in)).requires_grad_(),
+                torch.zeros(B, h.ttt_rank, fan_out, device=dev, requires_grad=True))
+
     for bi in range(0, len(docs), h.ttt_batch_docs):
         batch = docs[bi:bi + h.ttt_batch_docs]
-        if adapt and deadline is not None and done_tokens and \
-                time.time() + (time.time() - t0) / done_tokens * (total_tokens - done_tokens) > deadline:
-            adapt = False
-            log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; scoring the last {len(docs) - bi} of {len(docs)} documents on rank {rank} without TTT")
-        if not adapt:
-            plain_docs += len(batch)
-        B = len(batch)
-        params = []
         if adapt:
-            def make(fan_in, fan_out):
-                A = (torch.randn(B, fan_in, h.ttt_rank, device=dev) / math.sqrt(fan_in)).requires_grad_()
-                Bm = torch.zeros(B, h.ttt_rank, fan_out, device=dev, requires_grad=True)
-                params.extend((A, Bm))
-                return A, Bm
-            for m in targets:
-                m.lora = make(m.in_features, m.out_features)
-            if "head" in h.ttt_targets:
-                model.head_lora = make(h.model_dim, h.vocab_size)
-            opt = torch.optim.Adam(params, lr=h.ttt_lr, betas=(0.9, 0.95))
+            for m, w in owners:
+                m.lora = adapters(len(batch), w.size(1), w.size(0))
+            opt = torch.optim.Adam([t for m, _ in owners for t in m.lora], lr=h.ttt_lr, betas=(0.9, 0.95))
         lens = torch.tensor([e - s for s, e in batch], device=dev)
         starts = torch.tensor([s for s, _ in batch], device=dev)
-        for c0 in range(0, int(lens.max()), C):
-            lo, hi = max(0, c0 + C - L), c0 + C
+        longest = int(lens.max())
+        for c0 in range(0, longest, C):
+            lo, hi = max(0, c0 + C - L), min(c0 + C, longest)
             rel = torch.arange(lo, hi, device=dev)
             valid = rel[None] < lens[:, None]
             idx = torch.where(valid, starts[:, None] + rel, 0)
-            with torch.set_grad_enabled(adapt), autocast(dev):
+            update = adapt and hi < longest
+            with torch.set_grad_enabled(update), autocast(dev):
                 loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
             mask = valid & (rel >= c0)[None]
             nll.index_add_(0, idx[mask], loss.detach()[mask].double())
             cnt.index_add_(0, idx[mask], torch.ones_like(idx[mask], dtype=torch.int32))
-            if adapt and c0 + C < int(lens.max()):
-                per_doc = (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+            done += int(mask.sum())
+            plain += 0 if adapt else int(mask.sum())
+            if update:
                 opt.zero_grad(set_to_none=True)
-                per_doc.sum().backward()
+                ((loss * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
                 opt.step()
-        done_tokens += int(lens.sum())
-        for m in targets:
+            if adapt and deadline is not None and time.time() + (time.time() - t0) / done * (total - done) > deadline:
+                adapt = False
+                log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {total - done} of {total} tokens without TTT")
+        for m, _ in owners:
             m.lora = None
-        model.head_lora = None
-    return nll, cnt, plain_docs
+    return nll, cnt, plain
 
 
 
@@ -864,14 +864,21 @@ def train_and_evaluate(h):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    logfile = os.path.join("logs", f"{h.run_id}.txt")
-    if os.path.exists(logfile) and not (h.overwrite or h.resume_from):
-        raise UserError(f"{logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    run_id = [h.run_id or uuid.uuid4().hex[:12]]
+    if distributed:
+        dist.broadcast_object_list(run_id, src=0)
+    h.run_id = run_id[0]
+    h.checkpoint_dir = h.checkpoint_dir or os.path.join("checkpoints", h.run_id)
+    logfile = os.path.join("logs", f"{h.run_id}.txt")
+    if os.path.exists(logfile) and not (h.overwrite or h.resume_from):
+        raise UserError(f"{logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
+    if distributed:
+        dist.barrier()  # every rank has checked before rank 0 writes
     master = rank == 0
     if master:
         os.makedirs("logs", exist_ok=True)
@@ -896,7 +903,7 @@ def train_and_evaluate(h):
     tbytes = target_bytes(val, luts)
     loader = TrainLoader(h, rank, world_size, device)
     log(f"run_id:{h.run_id} world_size:{world_size} device:{torch.cuda.get_device_name(device) if cuda else 'cpu'} torch:{torch.__version__}")
-    log("config " + " ".join(f"{k}:{v}" for k, v in sorted(vars(h).items())))
+    log("config " + " ".join(f"{k}:{v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in sorted(vars(h).items())))
 
     base = GPT(h).to(device)
     qgroups = quant_groups(base)
@@ -987,7 +994,7 @@ def train_and_evaluate(h):
     flat_batch = max(1, h.val_batch_size // (h.train_seq_len * world_size))
     sync()
     t0 = time.perf_counter()
-    stop_after = False
+    stop_after = qat_on = False
     while True:
         last = step >= h.iterations or stop_after
         if last or (h.val_loss_every and step % h.val_loss_every == 0 and step):
@@ -1001,7 +1008,10 @@ def train_and_evaluate(h):
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         p = progress(h, step, elapsed)
-        set_qat(base, p >= h.qat_start_frac)
+        if qat_on != (p >= h.qat_start_frac):
+            qat_on = not qat_on
+            set_qat(base, qat_on)
+            log(f"qat:{'on' if qat_on else 'off'} step:{step}")
         loss, gnorm = train_step(step, elapsed, lr_mult)
         step += 1
         if p >= h.ema_start_frac:
@@ -1071,16 +1081,30 @@ def train_and_evaluate(h):
     log(f"final_int5_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} eval_time:{1000 * (time.time() - t_eval):.0f}ms")
     log(f"final_int5_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
+    scores = {"roundtrip_flat": (loss, bpb)}
     if 0 < h.eval_stride < h.eval_seq_len:
         t = time.time()
         s_loss, s_bpb, s_ntok, _ = evaluate(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
+        scores["roundtrip_sliding"] = (s_loss, s_bpb)
         log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
     if h.ttt_enabled:
         t = time.time()
         nll, cnt, plain = score_ttt(base, val, h, rank, world_size, deadline=t_eval + h.eval_max_seconds, log=log)
         t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tbytes)
-        note = f" plain_scored_docs:{plain}" if plain else ""
+        note = f" ttt_plain_tokens:{plain}" if plain else ""
+        scores["roundtrip_ttt"] = (t_loss, t_bpb)
         log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} eval_time:{1000 * (time.time() - t):.0f}ms{note}")
+    mode = list(scores)[-1]  # headline: the last (most thorough) evaluation of the reloaded artifact
+    record = cuda and world_size == 8 and 0 < h.max_wallclock_seconds <= 600 and "H100" in torch.cuda.get_device_name(device)
+    meta = {"author": h.author, "github_id": h.github_id, "name": h.run_name, "blurb": h.blurb,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": "10min_16mb" if record else "non_record_16mb",
+            "val_loss": round(scores[mode][0], 8), "val_bpb": round(scores[mode][1], 8), "val_bpb_mode": mode,
+            "bytes_total": total, "bytes_code": code_bytes, "prequant_val_bpb": round(pre_bpb, 8),
+            **{f"{k}_val_bpb": round(v[1], 8) for k, v in scores.items()}, "steps": step, "train_time_ms": round(train_ms),
+            "eval_time_ms": round(1000 * (time.time() - t_eval)), "hardware": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "world_size": world_size, "torch": torch.__version__, "seed": h.seed, "run_id": h.run_id, "within_budget": total <= h.budget_bytes}
+    if master:
+        atomic_write(os.path.join("logs", f"{h.run_id}.submission.json"), (json.dumps(meta, indent=2) + "\n").encode())
     if total > h.budget_bytes:
         raise UserError(f"artifact is {total} bytes, over BUDGET_BYTES={h.budget_bytes}: lower QUANT_BITS or shrink the model (files kept: {artifact})")
     return 0

@@ -1,0 +1,306 @@
+"""Speed benchmark for train_gpt.py: the TRN scan against references and a bandwidth bound, and the full
+training step of the hybrid against the plain transformer. Prints Markdown tables for the README.
+
+    python tests/bench_speed.py            # full sizes on CUDA (tiny sizes when there is no CUDA device)
+    python tests/bench_speed.py --tiny     # small sizes, well under a minute on a laptop CPU
+    python tests/bench_speed.py --profile  # also a per-layer-type profile of one eager hybrid step
+
+Not a pytest module (its name does not start with test_). Timings are medians over repeats after warmup.
+"""
+import argparse, math, os, statistics, sys, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+TINY_MODEL = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", ATTN_POSITIONS="1", NUM_OSCILLATORS="16",
+                  TRAIN_SEQ_LEN="128", MICRO_BATCH_SEQS="2", BIGRAM_VOCAB_SIZE="1024", BIGRAM_DIM="32")
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps, warmup):
+    """(median ms, peak MiB allocated above what was live before; None off CUDA) of fn() over reps runs."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - t0))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if CUDA else None
+    return statistics.median(times), peak
+
+
+def fmt(x, spec=".2f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+# ----------------------------------------------------------------------------- scan references
+
+def scan_sequential(a, b):
+    """h_t = a_t h_{t-1} + b_t, one time step at a time (the definition)."""
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.size(1)):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def _naive_ks_real(a, b):
+    T, d = b.size(1), 1
+    while d < T:  # every level pads shifted copies and builds new full tensors; autograd keeps them all
+        a_prev = F.pad(a[:, :-d], (0, 0, d, 0), value=1.0)
+        b_prev = F.pad(b[:, :-d], (0, 0, d, 0))
+        b = b + a * b_prev
+        a = a * a_prev
+        d *= 2
+    return b
+
+
+def scan_naive_ks(a, b):
+    """Kogge-Stone as a published hybrid wrote it: real and imaginary parts as two separate passes, each
+    recomputing the decay products, plain autograd through every level."""
+    a = a[..., 0]
+    return torch.stack((_naive_ks_real(a, b[..., 0]), _naive_ks_real(a, b[..., 1])), -1)
+
+
+def saved_mib(fn, *args):
+    """MiB of distinct storages autograd saves for backward when running fn(*args)."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values()) / 2**20
+
+
+def bench_scan(B, T, K, reps, seq_reps):
+    torch.manual_seed(0)
+    tau = torch.logspace(math.log10(2), math.log10(max(T, 4)), K, device=DEV)  # TRN's decay range
+    a = torch.sigmoid(torch.log(tau - 1) + 0.5 * torch.randn(B, T, K, device=DEV)).unsqueeze(-1).requires_grad_()
+    b = torch.randn(B, T, K, 2, device=DEV, requires_grad=True)
+    g = torch.randn(B, T, K, 2, device=DEV)
+    NAIVE, OURS = "naive Kogge-Stone (bench reference)", "ours (`kogge_stone_scan`)"
+    impls = {"sequential loop": scan_sequential, NAIVE: scan_naive_ks, OURS: tg.kogge_stone_scan}
+
+    def fwd_bwd(fn):
+        h = fn(a, b)
+        return (h, *torch.autograd.grad(h, (a, b), g))
+
+    ref = [t.detach() for t in fwd_bwd(scan_sequential)]
+    errs = {}
+    for name, fn in impls.items():
+        got = [t.detach() for t in fwd_bwd(fn)]
+        errs[name] = max(float((x - r).abs().max() / r.abs().max()) for x, r in zip(got, ref))
+        if errs[name] > 1e-4:
+            sys.exit(f"error: {name} differs from the sequential loop (max relative error {errs[name]:.2e})")
+    del ref, got
+
+    # memory-bandwidth bound: fwd reads a, b and writes h; bwd reads a, h, grad_h and writes grad_a, grad_b
+    n = B * T * K
+    scan_bytes = 4 * ((n + 2 * n + 2 * n) + (n + 2 * n + 2 * n + n + 2 * n))  # 13 * 4 B per (b, t, k)
+    src = torch.empty((2**28 if CUDA else 2**24) // 4, device=DEV)  # 1 GiB on CUDA, 16 MiB on CPU
+    dst = torch.empty_like(src)
+    copy_ms, _ = timed(lambda: dst.copy_(src), reps=10, warmup=2)
+    bw = 2 * src.numel() * 4 / (copy_ms / 1000)  # bytes read + written per second
+    del src, dst
+    bound_ms = scan_bytes / bw * 1000
+
+    results = {}
+    for name, fn in impls.items():
+        r = seq_reps if fn is scan_sequential else reps
+        ms, peak = timed(lambda: fwd_bwd(fn), reps=r, warmup=1 if fn is scan_sequential else 3)
+        results[name] = (ms, peak, saved_mib(fn, a, b), r)
+    ours, naive = results[OURS][0], results[NAIVE][0]
+    rows = [[name, f"{ms:.3f}", fmt(peak, ".1f"), f"{sv:.3g}", f"{errs[name]:.1e}", r]
+            for name, (ms, peak, sv, r) in results.items()]
+    rows.append([f"bandwidth lower bound ({scan_bytes / 1e6:.3g} MB at {bw / 1e9:.3g} GB/s)", f"{bound_ms:.3f}", "", "", "", ""])
+    print(f"\n#### Scan forward+backward (B={B}, T={T}, K={K} complex pairs sharing one decay, fp32)\n")
+    print(table(["implementation", "ms", "peak MiB", "saved for bwd MiB", "max rel err vs loop", "repeats"], rows))
+    print(f"\nours/naive = {ours / naive:.3f}, ours/lower bound = {ours / bound_ms:.1f}. Lower bound: forward reads a, b and "
+          f"writes h, backward reads a, h, grad_h and writes grad_a, grad_b: 13 x 4 bytes per (b, t, k); bandwidth "
+          f"measured as a {'1 GiB' if CUDA else '16 MiB'} device copy, read + write bytes. Peak MiB: allocated above the inputs.")
+
+
+# ----------------------------------------------------------------------------- training step
+
+def hparams(**env):
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return tg.Hyperparameters()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def build(model_type, tiny, compile_):
+    h = hparams(MODEL_TYPE=model_type, **(TINY_MODEL if tiny else {}))
+    torch.manual_seed(0)
+    base = tg.GPT(h).to(DEV)
+    model = torch.compile(base, dynamic=False) if compile_ else base
+    opts, params = tg.make_optimizers(base, h), list(base.parameters())
+    ids = torch.randint(0, h.vocab_size, (h.micro_batch_seqs, h.train_seq_len + 1), device=DEV)
+    ids[torch.rand(ids.shape, device=DEV) < 1 / 300] = h.bos_id  # a few document starts: exercise the state reset
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step(lr_mult=1.0):  # as train_gpt.train_step, one micro-batch
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+        with tg.autocast(DEV):
+            loss = model(x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, float("inf"))
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return h, base, step
+
+
+def bench_step(model_type, tiny, compile_, reps, warmup):
+    torch._dynamo.reset()
+    h, base, step = build(model_type, tiny, compile_)
+    for _ in range(warmup):
+        step()
+    sync()
+    frames = sum(torch._dynamo.utils.counters["frames"].values())
+    i = [0]
+
+    def timed_step():  # learning rates change every step and QAT switches on halfway: neither may recompile
+        if i[0] == reps // 2:
+            tg.set_qat(base, True)
+        step(1.0 - 0.5 * i[0] / reps)
+        i[0] += 1
+
+    ms, peak = timed(timed_step, reps=reps, warmup=0)
+    recompiles = sum(torch._dynamo.utils.counters["frames"].values()) - frames if compile_ else None
+    if CUDA:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    del base, step
+    return h, ms, peak, recompiles
+
+
+# ----------------------------------------------------------------------------- per-layer-type profile
+
+def profile_hybrid(tiny):
+    """One eager hybrid step under torch.profiler. Forward ops are attributed to a layer type by the
+    record_function range they run in; backward ops by the autograd sequence number of their forward op."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    h, base, step = build("hybrid", tiny, compile_=False)
+    kinds = {tg.TRN: "TRN", tg.Attention: "Attention", tg.MLP: "MLP"}
+    ranges = {}
+
+    def pre(m, args):
+        ranges[id(m)] = record_function(f"fwd:{kinds[type(m)]}").__enter__()
+
+    def post(m, args, out):
+        ranges.pop(id(m)).__exit__(None, None, None)
+
+    for m in base.modules():
+        if type(m) in kinds:
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post)
+    step()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and not e.is_async]  # ops; kernels hang off them
+    dur = (lambda e: e.device_time_total) if CUDA else (lambda e: e.cpu_time_total)
+    fwd, bwd, seq_kind = {}, {}, {}
+
+    def walk(e, kind):
+        if e.sequence_nr >= 0:
+            seq_kind[e.sequence_nr] = kind
+        for c in e.cpu_children:
+            walk(c, kind)
+
+    for e in events:
+        if e.name.startswith("fwd:") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("fwd:")):
+            kind = e.name[4:]
+            fwd[kind] = fwd.get(kind, 0) + dur(e)
+            walk(e, kind)
+    for e in events:
+        if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seq_kind:
+            kind = seq_kind[e.sequence_nr]
+            bwd[kind] = bwd.get(kind, 0) + dur(e)
+    total = sum(dur(e) for e in events if e.cpu_parent is None)  # all threads: forward, backward, optimizer
+    counts = {k: sum(type(m) is t for m in base.modules()) for t, k in kinds.items()}
+    rows = [[k, counts[k], f"{fwd.get(k, 0) / 1e3:.2f}", f"{bwd.get(k, 0) / 1e3:.2f}",
+             f"{(fwd.get(k, 0) + bwd.get(k, 0)) / 1e3:.2f}", f"{100 * (fwd.get(k, 0) + bwd.get(k, 0)) / total:.0f}%"]
+            for k in ("TRN", "Attention", "MLP")]
+    rest = total - sum(fwd.values()) - sum(bwd.values())
+    rows.append(["other (embeddings, norms, head, loss, optimizer)", "", "", "", f"{rest / 1e3:.2f}", f"{100 * rest / total:.0f}%"])
+    print(f"\n#### Per-layer-type profile of one eager hybrid step ({'GPU kernel' if CUDA else 'CPU'} time, profiler overhead included)\n")
+    print(table(["layer type", "layers", "fwd ms", "bwd ms", "total ms", "share"], rows))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="small sizes (automatic without CUDA)")
+    ap.add_argument("--no-compile", action="store_true", help="eager training step on CUDA too")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training step off CUDA too (needs a C++ compiler)")
+    ap.add_argument("--profile", action="store_true", help="per-layer-type profile of one eager hybrid step")
+    ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 20 full, 3 tiny)")
+    args = ap.parse_args()
+    tiny = args.tiny or not CUDA
+    reps = args.reps or (3 if tiny else 20)
+    compile_ = (CUDA or args.compile) and not args.no_compile
+    if CUDA:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt.py
+    B, T, K = (2, 128, 16) if tiny else (32, 1024, 256)
+    dev_name = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"### Speed benchmark: {dev_name}, torch {torch.__version__}{', CUDA ' + torch.version.cuda if CUDA else ''}, "
+          f"{'tiny' if tiny else 'full'} sizes (scan B={B} T={T} K={K}), training step {'compiled' if compile_ else 'eager'}, "
+          f"{'bf16 autocast' if CUDA else 'fp32 (no autocast off CUDA)'}")
+
+    bench_scan(B, T, K, reps, seq_reps=min(reps, 3))
+
+    rows, ms, hs = [], {}, {}
+    for mt in ("hybrid", "transformer"):
+        hs[mt], ms[mt], peak, recompiles = bench_step(mt, tiny, compile_, reps=max(reps, 4), warmup=2 if tiny else 5)
+        h = hs[mt]
+        tokens = h.micro_batch_seqs * h.train_seq_len
+        rows.append([mt, f"{ms[mt]:.2f}", f"{tokens / ms[mt] * 1000:,.0f}", fmt(peak), fmt(recompiles, "d")])
+        if recompiles:
+            print(f"warning: {mt}: {recompiles} recompiles after warmup", file=sys.stderr)
+    print(f"\n#### Training step (forward + backward + Muon/Adam step; {h.num_layers} layers, dim {h.model_dim}, "
+          f"micro-batch {h.micro_batch_seqs} x {h.train_seq_len} tokens, hybrid attention at layers {sorted(hs['hybrid'].attn_layers)})\n")
+    print(table(["model", "ms/step", "tokens/s", "peak GiB", "recompiles after warmup (lr changes, QAT on)"], rows))
+    print(f"\nhybrid/transformer ms per step = {ms['hybrid'] / ms['transformer']:.3f}")
+    if args.profile:
+        profile_hybrid(tiny)
+
+
+if __name__ == "__main__":
+    main()
