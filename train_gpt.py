@@ -6,7 +6,7 @@ Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python train_g
 """
 from __future__ import annotations
 
-import copy, glob, io, json, math, os, signal, sys, time, uuid
+import copy, glob, hashlib, io, json, math, os, signal, sys, time, uuid
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -77,7 +77,7 @@ class Hyperparameters:
         e.model_dim = pos("MODEL_DIM", 512)
         e.num_heads = pos("NUM_HEADS", 8)
         e.num_kv_heads = pos("NUM_KV_HEADS", 4)
-        e.mlp_mult = pos("MLP_MULT", 3.0, float)
+        e.mlp_mult = pos("MLP_MULT", 2.5, float)  # 2.5 keeps the default model inside 16 MB at QUANT_BITS
         e.attn_positions = int_list("ATTN_POSITIONS", "2,5,8")
         e.num_oscillators = pos("NUM_OSCILLATORS", 256)
         e.bigram_vocab_size = nonneg("BIGRAM_VOCAB_SIZE", 10240)
@@ -196,8 +196,9 @@ def shard_files(data_path, split):
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise UserError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; {DOWNLOAD_HINT}")
-    for f in files:
-        shard_len(f)
+    total = sum(shard_len(f) for f in files)
+    if total < 2:
+        raise UserError(f"DATA_PATH={data_path}: its fineweb_{split}_*.bin shards hold {total} tokens; {DOWNLOAD_HINT}")
     return files
 
 
@@ -604,7 +605,7 @@ def quantize(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
     amax = w.abs().amax(1, keepdim=True)
     best_err, best_s = None, None
     for c in clips:
-        s = (amax * c / qmax).clamp_min(1e-10).half().float()
+        s = (amax * c / qmax).clamp(2 ** -24, 65504.0).half().float()  # inside fp16's range: never 0 or inf
         err = (torch.clamp(torch.round(w / s), -qmax, qmax) * s - w).square().sum(1, keepdim=True)
         if best_err is None:
             best_err, best_s = err, s
@@ -768,19 +769,21 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
     docs = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[0] - se[1])
     owners = [(m, m.weight) for m in model.modules() if isinstance(m, CastedLinear) and m.group in h.ttt_targets]
     owners += [(model, model.tok_emb.weight)] * ("head" in h.ttt_targets)  # the tied output head
-    for p in model.parameters():
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
         p.requires_grad_(False)
     adapt, t0, done, plain, total = True, time.time(), 0, 0, sum(e - s for s, e in docs)
 
-    def adapters(B, fan_in, fan_out):  # B starts at zero, so fresh adapters leave the model unchanged
-        return ((torch.randn(B, fan_in, h.ttt_rank, device=dev) / math.sqrt(fan_in)).requires_grad_(),
-                torch.zeros(B, h.ttt_rank, fan_out, device=dev, requires_grad=True))
+    def adapters(gens, fan_in, fan_out):  # seeded per document: scores do not depend on ranks or batching
+        A = torch.stack([torch.randn(fan_in, h.ttt_rank, generator=g) for g in gens]).to(dev) / math.sqrt(fan_in)
+        return A.requires_grad_(), torch.zeros(len(gens), h.ttt_rank, fan_out, device=dev, requires_grad=True)  # B = 0: no change yet
 
     for bi in range(0, len(docs), h.ttt_batch_docs):
         batch = docs[bi:bi + h.ttt_batch_docs]
         if adapt:
+            gens = [torch.Generator().manual_seed(h.seed * 1_000_003 + s) for s, _ in batch]
             for m, w in owners:
-                m.lora = adapters(len(batch), w.size(1), w.size(0))
+                m.lora = adapters(gens, w.size(1), w.size(0))
             opt = torch.optim.Adam([t for m, _ in owners for t in m.lora], lr=h.ttt_lr, betas=(0.9, 0.95))
         lens = torch.tensor([e - s for s, e in batch], device=dev)
         starts = torch.tensor([s for s, _ in batch], device=dev)
@@ -802,11 +805,13 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
                 opt.zero_grad(set_to_none=True)
                 ((loss * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
                 opt.step()
-            if adapt and deadline is not None and time.time() + (time.time() - t0) / done * (total - done) > deadline:
+            if adapt and deadline is not None and done < total and time.time() + (time.time() - t0) / done * (total - done) > deadline:
                 adapt = False
                 log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {total - done} of {total} tokens without TTT")
         for m, _ in owners:
             m.lora = None
+    for p in frozen:
+        p.requires_grad_(True)
     return nll, cnt, plain
 
 
@@ -832,7 +837,7 @@ def save_checkpoint(h, state):
     path = os.path.join(h.checkpoint_dir, f"step_{state['step']:07d}.pt")
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue() + hashlib.sha256(buf.getvalue()).digest())  # trailer: detects any corruption
     for old in sorted(glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")))[:-h.checkpoint_keep]:
         os.remove(old)
     return path
@@ -845,7 +850,11 @@ def load_checkpoint(h, path):
             raise UserError(f"RESUME_FROM=latest: no checkpoint in CHECKPOINT_DIR={h.checkpoint_dir}")
         path = found[-1]
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            raw = f.read()
+        if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
+            raise ValueError("its sha256 trailer does not match its contents")
+        ck = torch.load(io.BytesIO(raw[:-32]), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
     if not isinstance(ck, dict) or "config" not in ck:
@@ -880,10 +889,6 @@ def train_and_evaluate(h):
     if distributed:
         dist.barrier()  # every rank has checked before rank 0 writes
     master = rank == 0
-    if master:
-        os.makedirs("logs", exist_ok=True)
-        if not h.resume_from:
-            open(logfile, "w").close()
 
     def log(msg):
         if master:
@@ -902,6 +907,10 @@ def train_and_evaluate(h):
     val = torch.from_numpy(np.concatenate([load_shard(f, h.vocab_size) for f in shard_files(h.data_path, "val")]).astype(np.int32)).to(device)
     tbytes = target_bytes(val, luts)
     loader = TrainLoader(h, rank, world_size, device)
+    if master:  # only now that every input has been checked
+        os.makedirs("logs", exist_ok=True)
+        if not h.resume_from:
+            open(logfile, "w").close()
     log(f"run_id:{h.run_id} world_size:{world_size} device:{torch.cuda.get_device_name(device) if cuda else 'cpu'} torch:{torch.__version__}")
     log("config " + " ".join(f"{k}:{v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in sorted(vars(h).items())))
 
@@ -931,11 +940,16 @@ def train_and_evaluate(h):
                 loss = model(x, y)
             (loss * weight).backward()
             total += loss.detach() * weight
+        if distributed:  # the global batch's loss, not this rank's share of it
+            dist.all_reduce(total)
+            total /= world_size
         gnorm = nn.utils.clip_grad_norm_(params, h.grad_clip_norm or float("inf"))
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return total, gnorm
+
+    flat_batch = max(1, h.val_batch_size // (h.train_seq_len * world_size))
 
     def sync():
         if cuda:
@@ -949,7 +963,12 @@ def train_and_evaluate(h):
         for o, s in zip(opts, snapshot[1]):
             o.load_state_dict(s)
         loader.stream.restore(snapshot[2])
+        if h.compile:  # the periodic validation graph too, so training never compiles again
+            with torch.no_grad(), autocast(device):
+                ids = torch.zeros(flat_batch, h.train_seq_len, dtype=torch.long, device=device)
+                compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
         log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     step, train_ms, lr_mult, retries, ema, ema_step, last_ckpt = 0, 0.0, 1.0, h.divergence_retries, None, None, None
 
@@ -973,10 +992,10 @@ def train_and_evaluate(h):
     def write_checkpoint():
         nonlocal last_ckpt
         if master:
-            last_ckpt = save_checkpoint(h, checkpoint_state())
-            log(f"checkpoint:{last_ckpt} step:{step}")
+            log(f"checkpoint:{save_checkpoint(h, checkpoint_state())} step:{step}")
         if distributed:
             dist.barrier()
+        last_ckpt = os.path.join(h.checkpoint_dir, f"step_{step:07d}.pt")  # on every rank: all roll back alike
 
     if h.resume_from:
         last_ckpt, ck = load_checkpoint(h, h.resume_from)
@@ -991,10 +1010,9 @@ def train_and_evaluate(h):
         nll, cnt = score_windows(compiled, val, seq_len, stride, batch_seqs, rank, world_size)
         return finish(nll, cnt, tbytes)
 
-    flat_batch = max(1, h.val_batch_size // (h.train_seq_len * world_size))
     sync()
     t0 = time.perf_counter()
-    stop_after = qat_on = False
+    stop_after, qat_on = bool(h.max_wallclock_seconds) and train_ms >= 1000 * h.max_wallclock_seconds, False
     while True:
         last = step >= h.iterations or stop_after
         if last or (h.val_loss_every and step % h.val_loss_every == 0 and step):
@@ -1029,7 +1047,7 @@ def train_and_evaluate(h):
         if diverged:
             if retries and last_ckpt:
                 bad_step = step
-                restore(torch.load(last_ckpt, map_location="cpu", weights_only=True))
+                restore(load_checkpoint(h, last_ckpt)[1])
                 retries, lr_mult = retries - 1, lr_mult * 0.5
                 log(f"divergence at step:{bad_step}: rolled back to {last_ckpt} (step {step}) with learning rates x{lr_mult}")
                 t0 = time.perf_counter()
@@ -1047,6 +1065,12 @@ def train_and_evaluate(h):
             log(f"stopped_by_signal step:{step}")
             return 128 + (got_signal[0] if got_signal else signal.SIGTERM)
         stop_after = bool(capped)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+    if h.checkpoint_every and step % h.checkpoint_every:
+        write_checkpoint()  # a run preempted during evaluation resumes here, not at an older checkpoint
+    if h.compile:
+        log(f"recompiles_after_warmup:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
     if cuda:
         log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
 
@@ -1080,6 +1104,8 @@ def train_and_evaluate(h):
     loss, bpb, ntok, nbytes = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
     log(f"final_int5_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} eval_time:{1000 * (time.time() - t_eval):.0f}ms")
     log(f"final_int5_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if not math.isfinite(loss):
+        raise UserError(f"the reloaded artifact scores val_loss {loss}: its weights are not finite (files kept: {artifact})")
     log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
     scores = {"roundtrip_flat": (loss, bpb)}
     if 0 < h.eval_stride < h.eval_seq_len:
