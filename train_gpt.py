@@ -66,7 +66,7 @@ class Hyperparameters:
         # data and run
         e.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         e.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-        e.run_id = env("RUN_ID", "")  # default: a fresh id chosen by rank 0
+        e.run_id = env("RUN_ID", "", str, lambda v: all(c.isalnum() or c in "._-" for c in v), "letters, digits, '.', '_', '-'")
         e.seed = env("SEED", 1337, int)
         e.overwrite = flag("OVERWRITE", 0)
         # model
@@ -169,6 +169,8 @@ class Hyperparameters:
             raise UserError(f"BOS_ID={e.bos_id} must be < VOCAB_SIZE={e.vocab_size}")
         if e.eval_stride > e.eval_seq_len:
             raise UserError(f"EVAL_STRIDE={e.eval_stride} must be <= EVAL_SEQ_LEN={e.eval_seq_len}")
+        if e.resume_from == "latest" and not (e.run_id or e.checkpoint_dir):
+            raise UserError("RESUME_FROM=latest needs the RUN_ID (or CHECKPOINT_DIR) of the run to resume")
         bad = set(e.ttt_targets) - {"head", *QUANT_GROUPS}
         if bad:
             raise UserError(f"TTT_TARGETS has unknown {','.join(sorted(bad))}; choose from head,{','.join(QUANT_GROUPS)}")
@@ -886,6 +888,7 @@ def train_and_evaluate(h):
     logfile = os.path.join("logs", f"{h.run_id}.txt")
     if os.path.exists(logfile) and not (h.overwrite or h.resume_from):
         raise UserError(f"{logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
+    last_ckpt, resume = load_checkpoint(h, h.resume_from) if h.resume_from else (None, None)  # before any work
     if distributed:
         dist.barrier()  # every rank has checked before rank 0 writes
     master = rank == 0
@@ -900,7 +903,10 @@ def train_and_evaluate(h):
     import sentencepiece as spm
     if not os.path.isfile(h.tokenizer_path):
         raise UserError(f"TOKENIZER_PATH={h.tokenizer_path} does not exist; {DOWNLOAD_HINT}")
-    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except Exception:
+        raise UserError(f"TOKENIZER_PATH={h.tokenizer_path} is not a SentencePiece model") from None
     luts = byte_luts(sp, h.vocab_size)
     if h.reset_at_bos and sp.bos_id() != h.bos_id:
         raise UserError(f"BOS_ID={h.bos_id} but the tokenizer's BOS id is {sp.bos_id()}")
@@ -970,7 +976,7 @@ def train_and_evaluate(h):
         log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    step, train_ms, lr_mult, retries, ema, ema_step, last_ckpt = 0, 0.0, 1.0, h.divergence_retries, None, None, None
+    step, train_ms, lr_mult, retries, ema, ema_step = 0, 0.0, 1.0, h.divergence_retries, None, None
 
     def checkpoint_state():
         return {"config": run_config(h), "step": step, "train_ms": train_ms, "lr_mult": lr_mult, "model": base.state_dict(),
@@ -997,9 +1003,9 @@ def train_and_evaluate(h):
             dist.barrier()
         last_ckpt = os.path.join(h.checkpoint_dir, f"step_{step:07d}.pt")  # on every rank: all roll back alike
 
-    if h.resume_from:
-        last_ckpt, ck = load_checkpoint(h, h.resume_from)
-        restore(ck)
+    if resume:
+        restore(resume)
+        del resume
         log(f"resumed_from:{last_ckpt} step:{step} train_time:{train_ms:.0f}ms")
 
     got_signal = []
@@ -1036,8 +1042,8 @@ def train_and_evaluate(h):
             if ema is None:
                 ema, ema_step = [t.detach().clone() for t in params], step
                 log(f"ema_start step:{step}")
-            else:
-                torch._foreach_lerp_(ema, [t.detach() for t in params], 1 - h.ema_decay)
+            else:  # a running mean until 1/(n+1) drops below 1 - EMA_DECAY: no stale start on short runs
+                torch._foreach_lerp_(ema, [t.detach() for t in params], max(1 - h.ema_decay, 1 / (step - ema_step + 1)))
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         flags = torch.tensor([bool(h.max_wallclock_seconds) and elapsed >= 1000 * h.max_wallclock_seconds, bool(got_signal),
                               not (torch.isfinite(loss) and torch.isfinite(gnorm))], dtype=torch.float32, device=device)

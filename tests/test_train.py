@@ -140,6 +140,8 @@ BAD_HPARAMS = [
     (dict(MODEL_DIM="-32"), ["MODEL_DIM"]),
     (dict(QUANT_BITS="embed:8,bigram:6,attn:6,mlp:9,trn_in:6,trn_out:6,trn_ctrl:8"), ["QUANT_BITS", "mlp:9"]),
     (dict(EMA_DECAY="1.5"), ["EMA_DECAY"]),
+    (dict(RUN_ID="x/y"), ["RUN_ID", "x/y"]),
+    (dict(RESUME_FROM="latest"), ["RESUME_FROM=latest", "RUN_ID"]),
 ]
 
 
@@ -181,7 +183,7 @@ def test_train_loader_ranks_partition_the_global_batch(tiny_env):
         assert torch.equal(torch.cat([y for p in parts for _, y, _ in p]), y1)
 
 
-@pytest.mark.parametrize("case", ["missing_data", "missing_tokenizer", "vocab_mismatch"])
+@pytest.mark.parametrize("case", ["missing_data", "missing_tokenizer", "not_a_tokenizer", "vocab_mismatch", "no_checkpoint"])
 def test_bad_paths_and_vocab_refused_before_anything_is_written(tiny_env, monkeypatch, tmp_path, case):
     """Bad DATA_PATH / TOKENIZER_PATH / VOCAB_SIZE: a clear UserError, and no log file left behind (a leftover
     logs/<RUN_ID>.txt would make the corrected rerun with the same RUN_ID fail with 'exists')."""
@@ -193,6 +195,14 @@ def test_bad_paths_and_vocab_refused_before_anything_is_written(tiny_env, monkey
     elif case == "missing_tokenizer":
         monkeypatch.setenv("TOKENIZER_PATH", str(tmp_path / "nope.model"))
         needles = ["TOKENIZER_PATH", "nope.model"]
+    elif case == "not_a_tokenizer":  # a file that exists but is no SentencePiece model (kept outside tmp_path)
+        bad = tmp_path.parent / f"{tmp_path.name}_tok.vocab"
+        bad.write_text("\u2581the\t-1\n")
+        monkeypatch.setenv("TOKENIZER_PATH", str(bad))
+        needles = ["TOKENIZER_PATH", "not a SentencePiece model"]
+    elif case == "no_checkpoint":
+        monkeypatch.setenv("RESUME_FROM", "latest")
+        needles = ["RESUME_FROM=latest", "no checkpoint", os.path.join("checkpoints", "bad")]
     else:
         monkeypatch.setenv("VOCAB_SIZE", "300")
         needles = ["VOCAB_SIZE=300", str(VOCAB)]
