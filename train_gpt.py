@@ -6,7 +6,7 @@ Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python train_g
 """
 from __future__ import annotations
 
-import copy, glob, hashlib, io, json, math, os, signal, sys, time, uuid
+import copy, datetime, glob, hashlib, io, json, math, os, signal, sys, time, uuid
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -182,7 +182,8 @@ class Hyperparameters:
     def arch(self):
         """The settings that fix the parameter shapes: stored in checkpoints and artifacts, checked on load."""
         keys = ("vocab_size", "model_type", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                "num_oscillators", "bigram_vocab_size", "bigram_dim", "use_token_shift")
+                "num_oscillators", "bigram_vocab_size", "bigram_dim", "use_token_shift", "reset_at_bos", "bos_id",
+                "logit_softcap", "rope_base")
         return {k: getattr(self, k) for k in keys} | {"attn_layers": sorted(self.attn_layers)}
 
 
@@ -265,8 +266,9 @@ class TrainLoader:
         """Yields (x, y, weight) micro-batches; weights sum to 1 over the rank's rows."""
         chunk = self.stream.take(self.n_seqs * self.seq_len + 1)
         self.stream.offset -= 1  # the last target is the next batch's first input
-        t = torch.from_numpy(chunk.astype(np.int64)).to(self.device, non_blocking=True)
-        x, y = t[:-1].view(self.n_seqs, -1)[self.rows], t[1:].view(self.n_seqs, -1)[self.rows]
+        t = torch.from_numpy(chunk[self.rows.start * self.seq_len:self.rows.stop * self.seq_len + 1].astype(np.int64))
+        t = (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+        x, y = t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
         return [(x[i:i + self.micro], y[i:i + self.micro], len(x[i:i + self.micro]) / len(x))
                 for i in range(0, len(x), self.micro)]
 
@@ -466,14 +468,14 @@ class BigramHash(nn.Module):
 
     def __init__(self, h):
         super().__init__()
-        self.n = h.bigram_vocab_size
+        self.n, self.none = h.bigram_vocab_size, h.vocab_size
         self.emb = nn.Embedding(self.n, h.bigram_dim)
         nn.init.zeros_(self.emb.weight)
         self.proj = CastedLinear(h.bigram_dim, h.model_dim, "bigram")
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids, keep):
-        prev = torch.where(keep.squeeze(-1) > 0, F.pad(ids[:, :-1], (1, 0)), self.n)
+        prev = torch.where(keep.squeeze(-1) > 0, F.pad(ids[:, :-1], (1, 0), value=self.none), self.none)
         return self.scale * self.proj(self.emb((prev * 1_000_003 + ids) % self.n))
 
 
@@ -656,10 +658,11 @@ def unpack(blob):
 
 
 def fit_budget(state, qgroups, h, code_bytes, log):
-    """Choose per-group bit widths (from QUANT_BITS down to 4), then light pruning of the smallest codes, so that
+    """Choose per-group bit widths (from QUANT_BITS down to 4, 6 for embed and trn_ctrl), then light pruning of the smallest codes, so that
     code + compressed blob fits BUDGET_BYTES. Sizes are estimated from code entropy, calibrated on real zstd
     output; each dropped bit is the one costing the least relative reconstruction error per byte saved."""
     bits, prune, calib = dict(h.quant_bits), 0, 1.0
+    floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}  # head and frequencies stay fine
     names = {g: [n for n in qgroups if qgroups[n] == g] for g in sorted(set(qgroups.values()))}
     cache = {}
 
@@ -682,14 +685,14 @@ def fit_budget(state, qgroups, h, code_bytes, log):
     estimate = lambda: float_bytes + sum(stats(g, bits[g])[0] for g in names)
     limit = h.budget_bytes - code_bytes
     for _ in range(8):
-        while calib * estimate() > limit and any(bits[g] > 4 for g in names):
-            g = min((g for g in names if bits[g] > 4), key=harm_per_byte)
+        while calib * estimate() > limit and any(bits[g] > floor[g] for g in names):
+            g = min((g for g in names if bits[g] > floor[g]), key=harm_per_byte)
             bits[g] -= 1
         blob = zstd().ZstdCompressor(level=22).compress(pack(state, qgroups, bits, h.arch(), prune))
         if len(blob) <= limit:
             break
-        if len(blob) / estimate() > calib * 1.001 and any(bits[g] > 4 for g in names):
-            calib = len(blob) / estimate()  # the estimate was optimistic: plan again
+        if any(bits[g] > floor[g] for g in names):
+            calib = max(calib, len(blob) / estimate()) * 1.002  # the estimate was optimistic: plan again
         elif prune < 2:
             prune += 1
         else:
@@ -764,8 +767,9 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
     """Legal score-first LoRA TTT. Documents go in batches, each document with its own adapters, fresh per
     document. Chunk by chunk: score the chunk with the current adapters, then take one Adam step on that chunk's
     loss, so a chunk's scores depend only on tokens up to its end. Longest documents first, so the time estimate
-    is pessimistic: once the rest would end after `deadline` (time.time()), adaptation stops and the remaining
-    tokens are scored plainly. Returns per-target nll, score counts and the number of plainly scored tokens."""
+    is pessimistic: once the rest would end after `deadline` (time.time()), adaptation stops; the rest of the
+    batch keeps its adapters frozen, later batches get none. Returns per-target nll, score counts and the number
+    of tokens scored after adaptation stopped."""
     n, C, L, dev = val.numel() - 1, h.ttt_chunk, max(h.eval_seq_len, h.ttt_chunk), val.device
     nll, cnt = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)
     docs = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[0] - se[1])
@@ -807,7 +811,9 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
                 opt.zero_grad(set_to_none=True)
                 ((loss * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
                 opt.step()
-            if adapt and deadline is not None and done < total and time.time() + (time.time() - t0) / done * (total - done) > deadline:
+            now = time.time()
+            if adapt and deadline is not None and done < total and (now > deadline or (
+                    done >= total / 100 and now + (now - t0) / done * (total - done) > deadline)):
                 adapt = False
                 log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {total - done} of {total} tokens without TTT")
         for m, _ in owners:
@@ -877,9 +883,9 @@ def train_and_evaluate(h):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(minutes=30))  # rank 0 alone fits the budget at export
     run_id = [h.run_id or uuid.uuid4().hex[:12]]
     if distributed:
         dist.broadcast_object_list(run_id, src=0)
@@ -888,6 +894,9 @@ def train_and_evaluate(h):
     logfile = os.path.join("logs", f"{h.run_id}.txt")
     if os.path.exists(logfile) and not (h.overwrite or h.resume_from):
         raise UserError(f"{logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
+    stale = sorted(glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")))
+    if stale and not (h.overwrite or h.resume_from):
+        raise UserError(f"CHECKPOINT_DIR={h.checkpoint_dir} holds another run's checkpoints: set RESUME_FROM, or OVERWRITE=1 to delete them")
     last_ckpt, resume = load_checkpoint(h, h.resume_from) if h.resume_from else (None, None)  # before any work
     if distributed:
         dist.barrier()  # every rank has checked before rank 0 writes
@@ -917,6 +926,9 @@ def train_and_evaluate(h):
         os.makedirs("logs", exist_ok=True)
         if not h.resume_from:
             open(logfile, "w").close()
+        for f in stale:  # OVERWRITE: the old run's; resuming an older checkpoint: the future it replaces
+            if not resume or int(os.path.basename(f)[5:-3]) > resume["step"]:
+                os.remove(f)
     log(f"run_id:{h.run_id} world_size:{world_size} device:{torch.cuda.get_device_name(device) if cuda else 'cpu'} torch:{torch.__version__}")
     log("config " + " ".join(f"{k}:{v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in sorted(vars(h).items())))
 
@@ -949,7 +961,9 @@ def train_and_evaluate(h):
         if distributed:  # the global batch's loss, not this rank's share of it
             dist.all_reduce(total)
             total /= world_size
-        gnorm = nn.utils.clip_grad_norm_(params, h.grad_clip_norm or float("inf"))
+        gnorm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if h.grad_clip_norm:
+            nn.utils.clip_grads_with_norm_(params, h.grad_clip_norm, gnorm)
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -969,10 +983,11 @@ def train_and_evaluate(h):
         for o, s in zip(opts, snapshot[1]):
             o.load_state_dict(s)
         loader.stream.restore(snapshot[2])
-        if h.compile:  # the periodic validation graph too, so training never compiles again
-            with torch.no_grad(), autocast(device):
-                ids = torch.zeros(flat_batch, h.train_seq_len, dtype=torch.long, device=device)
-                compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
+        if h.compile:  # the evaluation graphs too, so neither training nor the timed evaluation compiles again
+            for shape in {(flat_batch, h.train_seq_len), (h.eval_batch_seqs, h.eval_seq_len)}:
+                with torch.no_grad(), autocast(device):
+                    ids = torch.zeros(shape, dtype=torch.long, device=device)
+                    compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
         log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -1019,6 +1034,7 @@ def train_and_evaluate(h):
     sync()
     t0 = time.perf_counter()
     stop_after, qat_on = bool(h.max_wallclock_seconds) and train_ms >= 1000 * h.max_wallclock_seconds, False
+    clock = train_ms  # training time agreed by all ranks (their max), so they schedule alike
     while True:
         last = step >= h.iterations or stop_after
         if last or (h.val_loss_every and step % h.val_loss_every == 0 and step):
@@ -1030,13 +1046,12 @@ def train_and_evaluate(h):
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        p = progress(h, step, elapsed)
+        p = progress(h, step, clock)
         if qat_on != (p >= h.qat_start_frac):
             qat_on = not qat_on
             set_qat(base, qat_on)
             log(f"qat:{'on' if qat_on else 'off'} step:{step}")
-        loss, gnorm = train_step(step, elapsed, lr_mult)
+        loss, gnorm = train_step(step, clock, lr_mult)
         step += 1
         if p >= h.ema_start_frac:
             if ema is None:
@@ -1045,16 +1060,17 @@ def train_and_evaluate(h):
             else:  # a running mean until 1/(n+1) drops below 1 - EMA_DECAY: no stale start on short runs
                 torch._foreach_lerp_(ema, [t.detach() for t in params], max(1 - h.ema_decay, 1 / (step - ema_step + 1)))
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        flags = torch.tensor([bool(h.max_wallclock_seconds) and elapsed >= 1000 * h.max_wallclock_seconds, bool(got_signal),
-                              not (torch.isfinite(loss) and torch.isfinite(gnorm))], dtype=torch.float32, device=device)
+        flags = torch.stack((loss.new_tensor(elapsed), loss.new_tensor(float(bool(got_signal))),
+                             (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float()))
         if distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        capped, signalled, diverged = flags.tolist()
+        clock, signalled, diverged = flags.tolist()  # the step's one host sync
+        capped = bool(h.max_wallclock_seconds) and clock >= 1000 * h.max_wallclock_seconds
         if diverged:
             if retries and last_ckpt:
                 bad_step = step
                 restore(load_checkpoint(h, last_ckpt)[1])
-                retries, lr_mult = retries - 1, lr_mult * 0.5
+                retries, lr_mult, train_ms = retries - 1, lr_mult * 0.5, elapsed  # the lost steps' time still counts
                 log(f"divergence at step:{bad_step}: rolled back to {last_ckpt} (step {step}) with learning rates x{lr_mult}")
                 t0 = time.perf_counter()
                 continue
@@ -1101,7 +1117,7 @@ def train_and_evaluate(h):
         atomic_write(artifact, blob)
     total = code_bytes + len(blob)
     log(f"Total submission size: {total} bytes (code:{code_bytes} model:{len(blob)}) artifact:{artifact}")
-    arch, bits, state = unpack(blob)
+    arch, _, state = unpack(blob)
     if arch != h.arch():
         raise RuntimeError(f"artifact architecture {arch} differs from the model's {h.arch()}")
     base.load_state_dict(state, strict=True)
@@ -1121,8 +1137,13 @@ def train_and_evaluate(h):
         log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
     if h.ttt_enabled:
         t = time.time()
-        nll, cnt, plain = score_ttt(base, val, h, rank, world_size, deadline=t_eval + h.eval_max_seconds, log=log)
+        say = log if master else (lambda m: print(m, flush=True))  # a guard firing on any rank is reported
+        nll, cnt, plain = score_ttt(base, val, h, rank, world_size, deadline=t_eval + h.eval_max_seconds, log=say)
         t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tbytes)
+        plain = torch.tensor(plain, device=device)
+        if distributed:
+            dist.all_reduce(plain)
+        plain = int(plain)
         note = f" ttt_plain_tokens:{plain}" if plain else ""
         scores["roundtrip_ttt"] = (t_loss, t_bpb)
         log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} eval_time:{1000 * (time.time() - t):.0f}ms{note}")
@@ -1134,7 +1155,7 @@ def train_and_evaluate(h):
             "bytes_total": total, "bytes_code": code_bytes, "prequant_val_bpb": round(pre_bpb, 8),
             **{f"{k}_val_bpb": round(v[1], 8) for k, v in scores.items()}, "steps": step, "train_time_ms": round(train_ms),
             "eval_time_ms": round(1000 * (time.time() - t_eval)), "hardware": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "world_size": world_size, "torch": torch.__version__, "seed": h.seed, "run_id": h.run_id, "within_budget": total <= h.budget_bytes}
+            "ttt_plain_tokens": plain if h.ttt_enabled else None, "world_size": world_size, "torch": torch.__version__, "seed": h.seed, "run_id": h.run_id, "within_budget": total <= h.budget_bytes}
     if master:
         atomic_write(os.path.join("logs", f"{h.run_id}.submission.json"), (json.dumps(meta, indent=2) + "\n").encode())
     if total > h.budget_bytes:

@@ -640,3 +640,17 @@ def test_divergence_rollback_two_processes(base_env, tmp_path):
     assert errs, r.explain()
     assert all("checkpoints/div3/step_" in l for l in errs), errs
     assert "Connection closed by peer" not in r.stderr and "[rank0]:" not in r.stderr, r.stderr[-3000:]
+
+
+def test_stale_checkpoint_dir_refused_before_anything_is_written(tiny_env, monkeypatch, tmp_path):
+    """A fresh run pointed at a folder holding another run's checkpoints would prune its own new checkpoints
+    against them and resume from them later: refused unless RESUME_FROM or OVERWRITE=1."""
+    monkeypatch.chdir(tmp_path)
+    ckdir = tmp_path / "ck"
+    ckdir.mkdir()
+    (ckdir / "step_0000100.pt").write_bytes(b"old run")
+    monkeypatch.setenv("RUN_ID", "fresh")
+    monkeypatch.setenv("CHECKPOINT_DIR", str(ckdir))
+    with pytest.raises(tg.UserError, match="holds another run's checkpoints"):
+        tg.train_and_evaluate(tg.Hyperparameters())
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(ckdir) == ["step_0000100.pt"]
