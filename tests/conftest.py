@@ -29,6 +29,17 @@ def make_docs(rng, n_docs):
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120))) for _ in range(n_docs)]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny matmuls on a busy 2-core machine run far faster on one intra-op thread; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """dict(root, data_path, tokenizer_path, val_text, n_val_tokens): train/val shards of BOS-led documents."""

@@ -12,14 +12,6 @@ import train_gpt as tg
 from conftest import VOCAB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: OpenMP threads only add overhead (and stall badly on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------- eval_windows
 

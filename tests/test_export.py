@@ -16,13 +16,6 @@ from conftest import SCRIPT, TINY, run_script
 QUIET = dict(TTT_ENABLED="0", EVAL_STRIDE="0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def base_env(synth):

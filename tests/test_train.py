@@ -625,7 +625,7 @@ def test_divergence_rolls_back_then_fails(base_env, tmp_path):
     bad, ckpt, back = int(m.group(1)), m.group(2), int(m.group(3))
     assert back == bad - 1 and ckpt == f"checkpoints/div2/step_{back:07d}.pt"
     # lr x0.5 of 1e8 still diverges: the second time there is no retry left
-    line = assert_single_error(r, "non-finite", f"at step {bad};", f"last good checkpoint: {ckpt}")
+    assert_single_error(r, "non-finite", f"at step {bad};", f"last good checkpoint: {ckpt}")
     assert torch.load(os.path.join(tmp_path, ckpt), map_location="cpu", weights_only=True)["step"] == back
     assert not os.path.exists(r.artifact)
 
