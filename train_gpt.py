@@ -958,9 +958,6 @@ def train_and_evaluate(h):
                 loss = model(x, y)
             (loss * weight).backward()
             total += loss.detach() * weight
-        if distributed:  # the global batch's loss, not this rank's share of it
-            dist.all_reduce(total)
-            total /= world_size
         gnorm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if h.grad_clip_norm:
             nn.utils.clip_grads_with_norm_(params, h.grad_clip_norm, gnorm)
@@ -1077,6 +1074,9 @@ def train_and_evaluate(h):
             raise UserError(f"non-finite loss or gradient norm at step {step}; last good checkpoint: {last_ckpt or 'none (set CHECKPOINT_EVERY)'}; "
                             "lower MATRIX_LR/SCALAR_LR or set GRAD_CLIP_NORM, then RESUME_FROM it")
         if step % h.train_log_every == 0 or step <= 10:
+            if distributed:  # the global batch's loss, not this rank's share (only when logged: off the hot path)
+                dist.all_reduce(loss)
+                loss /= world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
         if signalled or (h.checkpoint_every and step % h.checkpoint_every == 0):
             sync()

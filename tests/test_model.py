@@ -372,14 +372,21 @@ def linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)]
 
 
-def test_qat_eager_matches_fake_quantized_copy(tiny_env, monkeypatch):
+def qat_case(monkeypatch):
+    """A randomized tiny model, its fake-quantized copy, inputs, and both models' float outputs."""
     model, h = build(monkeypatch)
     ids, tgt = rand_ids(2, 24, 1), rand_ids(2, 24, 2)
     ref = quantized_copy(model)
     with torch.no_grad():
         float_out = model(ids, tgt, reduction="none")
         ref_out = ref(ids, tgt, reduction="none")
-        assert (float_out - ref_out).abs().max() > 1e-4  # quantization visibly changes the model
+    assert (float_out - ref_out).abs().max() > 1e-4  # quantization visibly changes the model
+    return model, ref, ids, tgt, float_out, ref_out
+
+
+def test_qat_eager_matches_fake_quantized_copy(tiny_env, monkeypatch):
+    model, ref, ids, tgt, float_out, ref_out = qat_case(monkeypatch)
+    with torch.no_grad():
         tg.set_qat(model, True)
         assert all(m.qat.item() == 1.0 for _, m in linears(model))
         torch.testing.assert_close(model(ids, tgt, reduction="none"), ref_out, rtol=0, atol=1e-5)
@@ -400,13 +407,7 @@ def test_qat_compiled_no_recompile(tiny_env, monkeypatch):
     from torch._dynamo.backends.registry import lookup_backend
 
     torch._dynamo.reset()
-    model, h = build(monkeypatch)
-    ids, tgt = rand_ids(2, 24, 1), rand_ids(2, 24, 2)
-    ref = quantized_copy(model)
-    with torch.no_grad():
-        float_out = model(ids, tgt, reduction="none")
-        ref_out = ref(ids, tgt, reduction="none")
-    assert (float_out - ref_out).abs().max() > 1e-4
+    model, ref, ids, tgt, float_out, ref_out = qat_case(monkeypatch)
 
     aot_eager, calls = lookup_backend("aot_eager"), []
 
