@@ -6,7 +6,7 @@ Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or `python train_g
 """
 from __future__ import annotations
 
-import copy, datetime, glob, hashlib, io, json, math, os, signal, sys, time, uuid
+import copy, datetime, difflib, glob, hashlib, io, json, math, os, signal, sys, time, uuid
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,7 +20,11 @@ class UserError(Exception):
     """Bad input: main() prints it as one line and exits non-zero."""
 
 
+SETTINGS = set()  # every variable Hyperparameters reads, recorded as it reads them, for the typo check
+
+
 def env(name, default, cast=str, ok=None, need=""):
+    SETTINGS.add(name)
     raw = os.environ.get(name, "")
     if raw == "":
         return default
@@ -50,11 +54,27 @@ def frac(name, default):
 
 
 def int_list(name, default):
-    raw = os.environ.get(name, default)
+    SETTINGS.add(name)
+    raw = os.environ.get(name, default)  # set but empty means an empty list
     try:
         return [int(s) for s in raw.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"{name}={raw!r} must be comma-separated integers") from None
+
+
+SYSTEM_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "MASTER_", "TORCH", "PYTORCH", "OMP_", "CUDA_",
+                   "NCCL_", "KMP_", "MKL_", "OPENBLAS_", "PYTHON", "TRITON_", "NVIDIA_", "LD_", "PG_")
+
+
+def refuse_typos():
+    """nanoGPT refuses unknown config keys. Here a variable that is not a setting would be ignored (ITERATION=100
+    trains 20,000 steps), so one that closely resembles a setting stops the run; system variables never do."""
+    for name in sorted(os.environ):
+        if name in SETTINGS or name.startswith(SYSTEM_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name.upper(), SETTINGS, n=1, cutoff=0.8)
+        if close:
+            raise UserError(f"{name} is not a setting; did you mean {close[0]}? (rename or unset it)")
 
 
 QUANT_GROUPS = ("embed", "bigram", "attn", "mlp", "trn_in", "trn_out", "trn_ctrl")
@@ -66,13 +86,15 @@ class Hyperparameters:
         # data and run
         e.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         e.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-        e.run_id = env("RUN_ID", "", str, lambda v: all(c.isalnum() or c in "._-" for c in v), "letters, digits, '.', '_', '-'")
+        e.run_id = env("RUN_ID", "", str, lambda v: all(c.isalnum() or c in "._-" for c in v),
+                       "letters, digits, '.', '_', '-'")
         e.seed = env("SEED", 1337, int)
         e.overwrite = flag("OVERWRITE", 0)
         # model
         e.vocab_size = pos("VOCAB_SIZE", 1024)
         e.bos_id = nonneg("BOS_ID", 1)
-        e.model_type = env("MODEL_TYPE", "hybrid", str, lambda v: v in ("hybrid", "transformer"), "hybrid or transformer")
+        e.model_type = env("MODEL_TYPE", "hybrid", str, lambda v: v in ("hybrid", "transformer"),
+                           "hybrid or transformer")
         e.num_layers = pos("NUM_LAYERS", 10)
         e.model_dim = pos("MODEL_DIM", 512)
         e.num_heads = pos("NUM_HEADS", 8)
@@ -140,6 +162,7 @@ class Hyperparameters:
         e.run_name = env("RUN_NAME", "TRN hybrid")
         e.blurb = env("BLURB", "TRN oscillator recurrence + causal attention hybrid, int5/6/8 QAT, zstd-22")
         self._check()
+        refuse_typos()
 
     @staticmethod
     def _bits(spec):
@@ -345,7 +368,8 @@ def _ks(a, b, reverse):
 
 
 def kogge_stone_scan(a: Tensor, b: Tensor) -> Tensor:
-    """h with h_t = a_t * h_{t-1} + b_t along dim 1 (h_{-1} = 0); a has b's shape or broadcasts over its trailing dims."""
+    """h with h_t = a_t * h_{t-1} + b_t along dim 1 (h_{-1} = 0); a has b's shape or broadcasts over its
+    trailing dims."""
     return _Scan.apply(a, b)
 
 
@@ -384,7 +408,8 @@ class MLP(nn.Module):
     def __init__(self, h):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
-        self.fc, self.proj = CastedLinear(h.model_dim, hidden, "mlp"), CastedLinear(hidden, h.model_dim, "mlp", zero=True)
+        self.fc = CastedLinear(h.model_dim, hidden, "mlp")
+        self.proj = CastedLinear(hidden, h.model_dim, "mlp", zero=True)
 
     def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
@@ -653,16 +678,19 @@ def pack(state, qgroups, bits, arch, prune=0):
 
 def unpack(blob):
     obj = torch.load(io.BytesIO(zstd().ZstdDecompressor().decompress(blob)), map_location="cpu", weights_only=True)
-    state = {name: (t["q"].float() * t["s"].float() if isinstance(t, dict) else t) for name, t in obj["tensors"].items()}
+    state = {name: (t["q"].float() * t["s"].float() if isinstance(t, dict) else t)
+             for name, t in obj["tensors"].items()}
     return obj["arch"], obj["bits"], state
 
 
 def fit_budget(state, qgroups, h, code_bytes, log):
-    """Choose per-group bit widths (from QUANT_BITS down to 4, 6 for embed and trn_ctrl), then light pruning of the smallest codes, so that
-    code + compressed blob fits BUDGET_BYTES. Sizes are estimated from code entropy, calibrated on real zstd
-    output; each dropped bit is the one costing the least relative reconstruction error per byte saved."""
+    """Choose per-group bit widths (from QUANT_BITS down to 4, 6 for embed and trn_ctrl), then light pruning of
+    the smallest codes, so that code + compressed blob fits BUDGET_BYTES. Sizes are estimated from code entropy,
+    calibrated on real zstd output; each dropped bit is the one costing the least relative reconstruction error
+    per byte saved."""
     bits, prune, calib = dict(h.quant_bits), 0, 1.0
-    floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}  # head and frequencies stay fine
+    # the head and the frequencies stay fine
+    floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}
     names = {g: [n for n in qgroups if qgroups[n] == g] for g in sorted(set(qgroups.values()))}
     cache = {}
 
@@ -724,15 +752,16 @@ def my_share(n, rank, world_size):
 @torch.no_grad()
 def score_windows(model, val, seq_len, stride, batch_seqs, rank=0, world_size=1):
     """Per-target nll and score counts for this rank's share of the windows (summed over ranks by finish())."""
-    n = val.numel() - 1
-    nll, cnt = torch.zeros(n, dtype=torch.float64, device=val.device), torch.zeros(n, dtype=torch.int32, device=val.device)
+    n, dev = val.numel() - 1, val.device
+    nll, cnt = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)
     starts, offsets = eval_windows(n, seq_len, stride)
     share = my_share(len(starts), rank, world_size)
-    starts, offsets = torch.as_tensor(starts[share], device=val.device), torch.as_tensor(offsets[share], device=val.device)
+    starts, offsets = torch.as_tensor(starts[share], device=dev), torch.as_tensor(offsets[share], device=dev)
     L = min(seq_len, n)
-    ar = torch.arange(L, device=val.device)
+    ar = torch.arange(L, device=dev)
     for i in range(0, len(starts), batch_seqs):
-        rows = torch.arange(i, i + batch_seqs, device=val.device).clamp_max(len(starts) - 1)  # full batches: one compiled shape
+        # full batches: one compiled shape
+        rows = torch.arange(i, i + batch_seqs, device=dev).clamp_max(len(starts) - 1)
         idx = starts[rows, None] + ar
         with autocast(val.device):
             loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
@@ -782,7 +811,8 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
 
     def adapters(gens, fan_in, fan_out):  # seeded per document: scores do not depend on ranks or batching
         A = torch.stack([torch.randn(fan_in, h.ttt_rank, generator=g) for g in gens]).to(dev) / math.sqrt(fan_in)
-        return A.requires_grad_(), torch.zeros(len(gens), h.ttt_rank, fan_out, device=dev, requires_grad=True)  # B = 0: no change yet
+        B = torch.zeros(len(gens), h.ttt_rank, fan_out, device=dev, requires_grad=True)  # B = 0: no change yet
+        return A.requires_grad_(), B
 
     for bi in range(0, len(docs), h.ttt_batch_docs):
         batch = docs[bi:bi + h.ttt_batch_docs]
@@ -874,41 +904,62 @@ def load_checkpoint(h, path):
     return path, ck
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- run setup
 
-def train_and_evaluate(h):
-    distributed = "RANK" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+class Run:
+    """Where this process runs (rank, world, device) and the log, which rank 0 alone writes."""
+
+    def __init__(self):
+        self.distributed = "RANK" in os.environ
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.master, self.cuda = self.rank == 0, torch.cuda.is_available()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
+        self.logfile = None
+
+    def log(self, msg):
+        if self.master:
+            print(msg, flush=True)
+            with open(self.logfile, "a") as f:
+                f.write(msg + "\n")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def gpu_name(self):
+        return torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+
+
+def setup_run(h):
+    """Start the process group, agree on RUN_ID, refuse to overwrite anything; returns (run, resume checkpoint)."""
+    run = Run()
+    if run.cuda:
+        torch.cuda.set_device(run.device)
+    if run.distributed:
+        dist.init_process_group("nccl" if run.cuda else "gloo", device_id=run.device if run.cuda else None,
                                 timeout=datetime.timedelta(minutes=30))  # rank 0 alone fits the budget at export
     run_id = [h.run_id or uuid.uuid4().hex[:12]]
-    if distributed:
+    if run.distributed:
         dist.broadcast_object_list(run_id, src=0)
     h.run_id = run_id[0]
     h.checkpoint_dir = h.checkpoint_dir or os.path.join("checkpoints", h.run_id)
-    logfile = os.path.join("logs", f"{h.run_id}.txt")
-    if os.path.exists(logfile) and not (h.overwrite or h.resume_from):
-        raise UserError(f"{logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
-    stale = sorted(glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")))
-    if stale and not (h.overwrite or h.resume_from):
-        raise UserError(f"CHECKPOINT_DIR={h.checkpoint_dir} holds another run's checkpoints: set RESUME_FROM, or OVERWRITE=1 to delete them")
-    last_ckpt, resume = load_checkpoint(h, h.resume_from) if h.resume_from else (None, None)  # before any work
-    if distributed:
-        dist.barrier()  # every rank has checked before rank 0 writes
-    master = rank == 0
+    run.logfile = os.path.join("logs", f"{h.run_id}.txt")
+    if os.path.exists(run.logfile) and not (h.overwrite or h.resume_from):
+        raise UserError(f"{run.logfile} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
+    if glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")) and not (h.overwrite or h.resume_from):
+        raise UserError(f"CHECKPOINT_DIR={h.checkpoint_dir} holds another run's checkpoints: "
+                        "set RESUME_FROM, or OVERWRITE=1 to delete them")
+    resume = load_checkpoint(h, h.resume_from) if h.resume_from else None  # before any work
+    run.barrier()  # every rank has checked before rank 0 writes
+    return run, resume
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(logfile, "a") as f:
-                f.write(msg + "\n")
 
-    torch.manual_seed(h.seed)
+def load_inputs(h, run, resume):
+    """Tokenizer, validation tokens and their bytes, training loader; then (every input checked) the log starts."""
     import sentencepiece as spm
     if not os.path.isfile(h.tokenizer_path):
         raise UserError(f"TOKENIZER_PATH={h.tokenizer_path} does not exist; {DOWNLOAD_HINT}")
@@ -919,247 +970,324 @@ def train_and_evaluate(h):
     luts = byte_luts(sp, h.vocab_size)
     if h.reset_at_bos and sp.bos_id() != h.bos_id:
         raise UserError(f"BOS_ID={h.bos_id} but the tokenizer's BOS id is {sp.bos_id()}")
-    val = torch.from_numpy(np.concatenate([load_shard(f, h.vocab_size) for f in shard_files(h.data_path, "val")]).astype(np.int32)).to(device)
-    tbytes = target_bytes(val, luts)
-    loader = TrainLoader(h, rank, world_size, device)
-    if master:  # only now that every input has been checked
+    val = np.concatenate([load_shard(f, h.vocab_size) for f in shard_files(h.data_path, "val")])
+    val = torch.from_numpy(val.astype(np.int32)).to(run.device)
+    loader = TrainLoader(h, run.rank, run.world_size, run.device)
+    if run.master:
         os.makedirs("logs", exist_ok=True)
         if not h.resume_from:
-            open(logfile, "w").close()
-        for f in stale:  # OVERWRITE: the old run's; resuming an older checkpoint: the future it replaces
-            if not resume or int(os.path.basename(f)[5:-3]) > resume["step"]:
+            open(run.logfile, "w").close()
+        for f in glob.glob(os.path.join(h.checkpoint_dir, "step_*.pt")):
+            # OVERWRITE: the old run's; resuming an older checkpoint: the future it replaces
+            if not resume or int(os.path.basename(f)[5:-3]) > resume[1]["step"]:
                 os.remove(f)
-    log(f"run_id:{h.run_id} world_size:{world_size} device:{torch.cuda.get_device_name(device) if cuda else 'cpu'} torch:{torch.__version__}")
-    log("config " + " ".join(f"{k}:{v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in sorted(vars(h).items())))
+    run.log(f"run_id:{h.run_id} world_size:{run.world_size} device:{run.gpu_name()} torch:{torch.__version__}")
+    run.log("config " + " ".join(f"{k}:{v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+                                 for k, v in sorted(vars(h).items())))
+    return val, target_bytes(val, luts), loader
 
-    base = GPT(h).to(device)
-    qgroups = quant_groups(base)
-    counts = {}
-    for name, p in base.named_parameters():
-        counts[qgroups.get(name, "float")] = counts.get(qgroups.get(name, "float"), 0) + p.numel()
-    log(f"params total:{sum(counts.values())} " + " ".join(f"{g}:{n}" for g, n in sorted(counts.items())))
-    compiled = torch.compile(base, dynamic=False) if h.compile else base
-    model = nn.parallel.DistributedDataParallel(compiled, device_ids=[device] if cuda else None, broadcast_buffers=False) if distributed else compiled
-    opts = make_optimizers(base, h)
-    params = list(base.parameters())
 
-    def train_step(step, elapsed_ms, lr_mult):
-        for opt in opts:
+# ----------------------------------------------------------------------------- training
+
+class Trainer:
+    """The training state: what a checkpoint saves and resume, divergence rollback and the compile-warmup
+    rollback restore, all through state_dict/load_state_dict; and the step and the validation that change it."""
+
+    def __init__(self, h, run, loader, val, tbytes):
+        self.h, self.run, self.loader, self.val, self.tbytes = h, run, loader, val, tbytes
+        torch.manual_seed(h.seed)
+        self.base = GPT(h).to(run.device)
+        self.qgroups = quant_groups(self.base)
+        counts = {}
+        for name, p in self.base.named_parameters():
+            counts[self.qgroups.get(name, "float")] = counts.get(self.qgroups.get(name, "float"), 0) + p.numel()
+        run.log(f"params total:{sum(counts.values())} " + " ".join(f"{g}:{n}" for g, n in sorted(counts.items())))
+        self.compiled = torch.compile(self.base, dynamic=False) if h.compile else self.base
+        self.model = self.compiled if not run.distributed else nn.parallel.DistributedDataParallel(
+            self.compiled, device_ids=[run.device] if run.cuda else None, broadcast_buffers=False)
+        self.opts = make_optimizers(self.base, h)
+        self.params = list(self.base.parameters())
+        self.flat_batch = max(1, h.val_batch_size // (h.train_seq_len * run.world_size))
+        self.step, self.train_ms, self.lr_mult, self.ema, self.ema_step = 0, 0.0, 1.0, None, None
+        self.last_ckpt, self.t0, self.retries = None, None, h.divergence_retries
+
+    def state_dict(self):
+        return {"config": run_config(self.h), "step": self.step, "train_ms": self.train_ms, "lr_mult": self.lr_mult,
+                "model": self.base.state_dict(), "opts": [o.state_dict() for o in self.opts], "ema": self.ema,
+                "ema_step": self.ema_step, "loader": self.loader.stream.state(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.run.device) if self.run.cuda else None}
+
+    def load_state_dict(self, ck):
+        self.base.load_state_dict(ck["model"])
+        for o, s in zip(self.opts, ck["opts"]):
+            o.load_state_dict(s)
+        self.loader.stream.restore(ck["loader"])
+        torch.set_rng_state(ck["rng"])
+        if self.run.cuda and ck["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], self.run.device)
+        self.ema = None if ck["ema"] is None else [t.to(self.run.device) for t in ck["ema"]]
+        self.step, self.train_ms, self.lr_mult = ck["step"], ck["train_ms"], ck["lr_mult"]
+        self.ema_step = ck["ema_step"]
+
+    def train_step(self, clock):
+        """One optimizer step over the global batch at training time `clock` (ms); returns (loss, grad norm)."""
+        h = self.h
+        for opt in self.opts:
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_mult * lr_scale(h, step, elapsed_ms)
-        w = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
-        opts[0].param_groups[0]["momentum"] = (1 - w) * h.muon_momentum_warmup_start + w * h.muon_momentum
-        micro = loader.next_batch()
-        total = torch.zeros((), device=device)
+                g["lr"] = g["base_lr"] * self.lr_mult * lr_scale(h, self.step, clock)
+        w = min(self.step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+        self.opts[0].param_groups[0]["momentum"] = (1 - w) * h.muon_momentum_warmup_start + w * h.muon_momentum
+        micro = self.loader.next_batch()
+        total = torch.zeros((), device=self.run.device)
         for i, (x, y, weight) in enumerate(micro):
-            if distributed:
-                model.require_backward_grad_sync = i == len(micro) - 1
-            with autocast(device):
-                loss = model(x, y)
+            if self.run.distributed:
+                self.model.require_backward_grad_sync = i == len(micro) - 1
+            with autocast(self.run.device):
+                loss = self.model(x, y)
             (loss * weight).backward()
             total += loss.detach() * weight
-        gnorm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        gnorm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if h.grad_clip_norm:
-            nn.utils.clip_grads_with_norm_(params, h.grad_clip_norm, gnorm)
-        for opt in opts:
+            nn.utils.clip_grads_with_norm_(self.params, h.grad_clip_norm, gnorm)
+        for opt in self.opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return total, gnorm
 
-    flat_batch = max(1, h.val_batch_size // (h.train_seq_len * world_size))
+    def update_ema(self):
+        if self.ema is None:
+            self.ema, self.ema_step = [t.detach().clone() for t in self.params], self.step
+            self.run.log(f"ema_start step:{self.step}")
+        else:  # a running mean until 1/(n+1) drops below 1 - EMA_DECAY: no stale start on short runs
+            rate = max(1 - self.h.ema_decay, 1 / (self.step - self.ema_step + 1))
+            torch._foreach_lerp_(self.ema, [t.detach() for t in self.params], rate)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    if h.warmup_steps:  # compile and warm the kernels, then put back the initial weights, optimizer and data
-        snapshot = copy.deepcopy(base.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts], loader.stream.state()
+    def warmup(self):
+        """Compile and warm the kernels, then put the initial state back: warmup steps do not train."""
+        h = self.h
+        if not h.warmup_steps:
+            return
+        snapshot = copy.deepcopy(self.state_dict())
         for _ in range(h.warmup_steps):
-            train_step(0, 0.0, 1.0)
-        base.load_state_dict(snapshot[0])
-        for o, s in zip(opts, snapshot[1]):
-            o.load_state_dict(s)
-        loader.stream.restore(snapshot[2])
+            self.train_step(0.0)
+        self.load_state_dict(snapshot)
         if h.compile:  # the evaluation graphs too, so neither training nor the timed evaluation compiles again
-            for shape in {(flat_batch, h.train_seq_len), (h.eval_batch_seqs, h.eval_seq_len)}:
-                with torch.no_grad(), autocast(device):
-                    ids = torch.zeros(shape, dtype=torch.long, device=device)
-                    compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
-        log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            for shape in {(self.flat_batch, h.train_seq_len), (h.eval_batch_seqs, h.eval_seq_len)}:
+                with torch.no_grad(), autocast(self.run.device):
+                    ids = torch.zeros(shape, dtype=torch.long, device=self.run.device)
+                    self.compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
+        self.run.log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
 
-    step, train_ms, lr_mult, retries, ema, ema_step = 0, 0.0, 1.0, h.divergence_retries, None, None
+    def evaluate(self, seq_len, stride, batch_seqs):
+        """(loss, bpb, targets, bytes) of the current weights over the whole validation split."""
+        run = self.run
+        nll, cnt = score_windows(self.compiled, self.val, seq_len, stride, batch_seqs, run.rank, run.world_size)
+        return finish(nll, cnt, self.tbytes)
 
-    def checkpoint_state():
-        return {"config": run_config(h), "step": step, "train_ms": train_ms, "lr_mult": lr_mult, "model": base.state_dict(),
-                "opts": [o.state_dict() for o in opts], "ema": ema, "ema_step": ema_step, "loader": loader.stream.state(),
-                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}
+    def validate(self):
+        """Flat validation, off the training clock."""
+        self.pause()
+        loss, bpb, ntok, nbytes = self.evaluate(self.h.train_seq_len, self.h.train_seq_len, self.flat_batch)
+        self.run.log(f"step:{self.step}/{self.h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} "
+                     f"val_bytes:{nbytes} train_time:{self.train_ms:.0f}ms")
+        self.run.sync()
+        self.t0 = time.perf_counter()
 
-    def restore(ck):
-        nonlocal step, train_ms, lr_mult, ema, ema_step
-        base.load_state_dict(ck["model"])
-        for o, s in zip(opts, ck["opts"]):
-            o.load_state_dict(s)
-        loader.stream.restore(ck["loader"])
-        torch.set_rng_state(ck["rng"])
-        if cuda and ck["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        ema = None if ck["ema"] is None else [t.to(device) for t in ck["ema"]]
-        step, train_ms, lr_mult, ema_step = ck["step"], ck["train_ms"], ck["lr_mult"], ck["ema_step"]
+    def pause(self):
+        """Stop the training clock (it restarts when t0 is set again)."""
+        self.run.sync()
+        self.train_ms += 1000 * (time.perf_counter() - self.t0)
 
-    def write_checkpoint():
-        nonlocal last_ckpt
-        if master:
-            log(f"checkpoint:{save_checkpoint(h, checkpoint_state())} step:{step}")
-        if distributed:
-            dist.barrier()
-        last_ckpt = os.path.join(h.checkpoint_dir, f"step_{step:07d}.pt")  # on every rank: all roll back alike
+    def elapsed(self):
+        return self.train_ms + 1000 * (time.perf_counter() - self.t0)
 
-    if resume:
-        restore(resume)
-        del resume
-        log(f"resumed_from:{last_ckpt} step:{step} train_time:{train_ms:.0f}ms")
+    def checkpoint(self):
+        self.pause()
+        if self.run.master:
+            self.run.log(f"checkpoint:{save_checkpoint(self.h, self.state_dict())} step:{self.step}")
+        self.run.barrier()
+        self.last_ckpt = os.path.join(self.h.checkpoint_dir, f"step_{self.step:07d}.pt")  # every rank rolls back alike
+        self.t0 = time.perf_counter()
 
-    got_signal = []
+    def rollback(self, elapsed):
+        """After a non-finite loss: back to the last checkpoint with halved learning rates; False if not allowed."""
+        if not (self.retries and self.last_ckpt):
+            return False
+        bad_step = self.step
+        self.load_state_dict(load_checkpoint(self.h, self.last_ckpt)[1])
+        self.retries, self.lr_mult, self.train_ms = self.retries - 1, self.lr_mult * 0.5, elapsed  # lost time counts
+        self.run.log(f"divergence at step:{bad_step}: rolled back to {self.last_ckpt} (step {self.step}) "
+                     f"with learning rates x{self.lr_mult}")
+        self.t0 = time.perf_counter()
+        return True
+
+
+def train(h, tr):
+    """The training loop, until ITERATIONS or MAX_WALLCLOCK_SECONDS; returns an exit code if a signal stopped it."""
+    run, got_signal = tr.run, []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: got_signal.append(signum))
-
-    def evaluate(seq_len, stride, batch_seqs):
-        nll, cnt = score_windows(compiled, val, seq_len, stride, batch_seqs, rank, world_size)
-        return finish(nll, cnt, tbytes)
-
-    sync()
-    t0 = time.perf_counter()
-    stop_after, qat_on = bool(h.max_wallclock_seconds) and train_ms >= 1000 * h.max_wallclock_seconds, False
-    clock = train_ms  # training time agreed by all ranks (their max), so they schedule alike
+    run.sync()
+    tr.t0 = time.perf_counter()
+    stop_after, qat_on = bool(h.max_wallclock_seconds) and tr.train_ms >= 1000 * h.max_wallclock_seconds, False
+    clock = tr.train_ms  # training time agreed by all ranks (their max), so they schedule alike
     while True:
-        last = step >= h.iterations or stop_after
-        if last or (h.val_loss_every and step % h.val_loss_every == 0 and step):
-            sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            loss, bpb, ntok, nbytes = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
-            log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} train_time:{train_ms:.0f}ms")
-            sync()
-            t0 = time.perf_counter()
+        last = tr.step >= h.iterations or stop_after
+        if last or (h.val_loss_every and tr.step % h.val_loss_every == 0 and tr.step):
+            tr.validate()
         if last:
             break
-        p = progress(h, step, clock)
+        p = progress(h, tr.step, clock)
         if qat_on != (p >= h.qat_start_frac):
             qat_on = not qat_on
-            set_qat(base, qat_on)
-            log(f"qat:{'on' if qat_on else 'off'} step:{step}")
-        loss, gnorm = train_step(step, clock, lr_mult)
-        step += 1
+            set_qat(tr.base, qat_on)
+            run.log(f"qat:{'on' if qat_on else 'off'} step:{tr.step}")
+        loss, gnorm = tr.train_step(clock)
+        tr.step += 1
         if p >= h.ema_start_frac:
-            if ema is None:
-                ema, ema_step = [t.detach().clone() for t in params], step
-                log(f"ema_start step:{step}")
-            else:  # a running mean until 1/(n+1) drops below 1 - EMA_DECAY: no stale start on short runs
-                torch._foreach_lerp_(ema, [t.detach() for t in params], max(1 - h.ema_decay, 1 / (step - ema_step + 1)))
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+            tr.update_ema()
+        elapsed = tr.elapsed()
         flags = torch.stack((loss.new_tensor(elapsed), loss.new_tensor(float(bool(got_signal))),
                              (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float()))
-        if distributed:
+        if run.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         clock, signalled, diverged = flags.tolist()  # the step's one host sync
-        capped = bool(h.max_wallclock_seconds) and clock >= 1000 * h.max_wallclock_seconds
         if diverged:
-            if retries and last_ckpt:
-                bad_step = step
-                restore(load_checkpoint(h, last_ckpt)[1])
-                retries, lr_mult, train_ms = retries - 1, lr_mult * 0.5, elapsed  # the lost steps' time still counts
-                log(f"divergence at step:{bad_step}: rolled back to {last_ckpt} (step {step}) with learning rates x{lr_mult}")
-                t0 = time.perf_counter()
+            if tr.rollback(elapsed):
                 continue
-            raise UserError(f"non-finite loss or gradient norm at step {step}; last good checkpoint: {last_ckpt or 'none (set CHECKPOINT_EVERY)'}; "
+            raise UserError(f"non-finite loss or gradient norm at step {tr.step}; last good checkpoint: "
+                            f"{tr.last_ckpt or 'none (set CHECKPOINT_EVERY)'}; "
                             "lower MATRIX_LR/SCALAR_LR or set GRAD_CLIP_NORM, then RESUME_FROM it")
-        if step % h.train_log_every == 0 or step <= 10:
-            if distributed:  # the global batch's loss, not this rank's share (only when logged: off the hot path)
+        if tr.step % h.train_log_every == 0 or tr.step <= 10:
+            if run.distributed:  # the global batch's loss, not this rank's share (only when logged: off the hot path)
                 dist.all_reduce(loss)
-                loss /= world_size
-            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if signalled or (h.checkpoint_every and step % h.checkpoint_every == 0):
-            sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            write_checkpoint()
-            t0 = time.perf_counter()
+                loss /= run.world_size
+            run.log(f"step:{tr.step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                    f"step_avg:{elapsed / tr.step:.2f}ms")
+        if signalled or (h.checkpoint_every and tr.step % h.checkpoint_every == 0):
+            tr.checkpoint()
         if signalled:
-            log(f"stopped_by_signal step:{step}")
+            run.log(f"stopped_by_signal step:{tr.step}")
             return 128 + (got_signal[0] if got_signal else signal.SIGTERM)
-        stop_after = bool(capped)
+        stop_after = bool(h.max_wallclock_seconds) and clock >= 1000 * h.max_wallclock_seconds
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
-    if h.checkpoint_every and step % h.checkpoint_every:
-        write_checkpoint()  # a run preempted during evaluation resumes here, not at an older checkpoint
-    if h.compile:
-        log(f"recompiles_after_warmup:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
-    if cuda:
-        log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    if h.checkpoint_every and tr.step % h.checkpoint_every:
+        tr.checkpoint()  # a run preempted during evaluation resumes here, not at an older checkpoint
+    return None
 
-    # --- export the (EMA) weights, reload them from the artifact bytes, score them
-    if ema is not None:
+
+# ----------------------------------------------------------------------------- export and final evaluation
+
+def export(h, tr):
+    """Load the EMA weights, score them, fit the budget, write the artifact and reload the model from its bytes.
+    Returns (pre-quantization bpb, code bytes, total bytes, artifact path)."""
+    run = tr.run
+    if tr.ema is not None:
         with torch.no_grad():
-            for p, e in zip(params, ema):
+            for p, e in zip(tr.params, tr.ema):
                 p.copy_(e)
-        log(f"export: EMA weights (decay {h.ema_decay}, from step {ema_step})")
+        run.log(f"export: EMA weights (decay {h.ema_decay}, from step {tr.ema_step})")
     else:
-        log("export: live weights (EMA did not start)")
-    set_qat(base, False)
-    pre_loss, pre_bpb, _, _ = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
-    log(f"final_prequant val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
+        run.log("export: live weights (EMA did not start)")
+    set_qat(tr.base, False)
+    pre_loss, pre_bpb, _, _ = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
+    run.log(f"final_prequant val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
     code_bytes = len(open(__file__, "rb").read())
-    blob = [fit_budget({k: v.cpu() for k, v in base.state_dict().items()}, qgroups, h, code_bytes, log) if master else None]
-    if distributed:
+    state = {k: v.cpu() for k, v in tr.base.state_dict().items()}
+    blob = [fit_budget(state, tr.qgroups, h, code_bytes, run.log) if run.master else None]
+    if run.distributed:
         dist.broadcast_object_list(blob, src=0)
     blob = blob[0]
     artifact = os.path.join("logs", f"{h.run_id}.model.ptz")
-    if master:
+    if run.master:
         atomic_write(artifact, blob)
     total = code_bytes + len(blob)
-    log(f"Total submission size: {total} bytes (code:{code_bytes} model:{len(blob)}) artifact:{artifact}")
+    run.log(f"Total submission size: {total} bytes (code:{code_bytes} model:{len(blob)}) artifact:{artifact}")
     arch, _, state = unpack(blob)
     if arch != h.arch():
         raise RuntimeError(f"artifact architecture {arch} differs from the model's {h.arch()}")
-    base.load_state_dict(state, strict=True)
+    tr.base.load_state_dict(state, strict=True)
+    return pre_bpb, code_bytes, total, artifact
 
-    t_eval = time.time()
-    loss, bpb, ntok, nbytes = evaluate(h.train_seq_len, h.train_seq_len, flat_batch)
-    log(f"final_int5_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} eval_time:{1000 * (time.time() - t_eval):.0f}ms")
-    log(f"final_int5_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+
+def evaluate_artifact(h, tr, pre_bpb, artifact):
+    """Flat, sliding and TTT scores of the reloaded artifact: ({mode: (loss, bpb)}, TTT plain tokens or None)."""
+    run, t_eval = tr.run, time.time()
+    loss, bpb, ntok, nbytes = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
+    run.log(f"final_int5_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} "
+            f"eval_time:{1000 * (time.time() - t_eval):.0f}ms")
+    run.log(f"final_int5_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if not math.isfinite(loss):
         raise UserError(f"the reloaded artifact scores val_loss {loss}: its weights are not finite (files kept: {artifact})")
-    log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
-    scores = {"roundtrip_flat": (loss, bpb)}
+    run.log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
+    scores, plain = {"roundtrip_flat": (loss, bpb)}, None
     if 0 < h.eval_stride < h.eval_seq_len:
         t = time.time()
-        s_loss, s_bpb, s_ntok, _ = evaluate(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
+        s_loss, s_bpb, s_ntok, _ = tr.evaluate(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
         scores["roundtrip_sliding"] = (s_loss, s_bpb)
-        log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
+        run.log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} "
+                f"val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
     if h.ttt_enabled:
         t = time.time()
-        say = log if master else (lambda m: print(m, flush=True))  # a guard firing on any rank is reported
-        nll, cnt, plain = score_ttt(base, val, h, rank, world_size, deadline=t_eval + h.eval_max_seconds, log=say)
-        t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tbytes)
-        plain = torch.tensor(plain, device=device)
-        if distributed:
+        say = run.log if run.master else (lambda m: print(m, flush=True))  # a guard firing on any rank is reported
+        nll, cnt, plain = score_ttt(tr.base, tr.val, h, run.rank, run.world_size, t_eval + h.eval_max_seconds, say)
+        t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tr.tbytes)
+        plain = torch.tensor(plain, device=run.device)
+        if run.distributed:
             dist.all_reduce(plain)
         plain = int(plain)
-        note = f" ttt_plain_tokens:{plain}" if plain else ""
         scores["roundtrip_ttt"] = (t_loss, t_bpb)
-        log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} eval_time:{1000 * (time.time() - t):.0f}ms{note}")
-    mode = list(scores)[-1]  # headline: the last (most thorough) evaluation of the reloaded artifact
-    record = cuda and world_size == 8 and 0 < h.max_wallclock_seconds <= 600 and "H100" in torch.cuda.get_device_name(device)
+        run.log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} "
+                f"eval_time:{1000 * (time.time() - t):.0f}ms" + (f" ttt_plain_tokens:{plain}" if plain else ""))
+    return scores, plain, t_eval
+
+
+def write_submission(h, tr, scores, plain, pre_bpb, code_bytes, total, t_eval):
+    """logs/<RUN_ID>.submission.json; headline: the last (most thorough) evaluation of the reloaded artifact."""
+    run, mode = tr.run, list(scores)[-1]
+    record = run.cuda and run.world_size == 8 and 0 < h.max_wallclock_seconds <= 600 and "H100" in run.gpu_name()
     meta = {"author": h.author, "github_id": h.github_id, "name": h.run_name, "blurb": h.blurb,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "track": "10min_16mb" if record else "non_record_16mb",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "track": "10min_16mb" if record else "non_record_16mb",
             "val_loss": round(scores[mode][0], 8), "val_bpb": round(scores[mode][1], 8), "val_bpb_mode": mode,
             "bytes_total": total, "bytes_code": code_bytes, "prequant_val_bpb": round(pre_bpb, 8),
-            **{f"{k}_val_bpb": round(v[1], 8) for k, v in scores.items()}, "steps": step, "train_time_ms": round(train_ms),
-            "eval_time_ms": round(1000 * (time.time() - t_eval)), "hardware": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "ttt_plain_tokens": plain if h.ttt_enabled else None, "world_size": world_size, "torch": torch.__version__, "seed": h.seed, "run_id": h.run_id, "within_budget": total <= h.budget_bytes}
-    if master:
+            **{f"{k}_val_bpb": round(v[1], 8) for k, v in scores.items()}, "steps": tr.step,
+            "train_time_ms": round(tr.train_ms), "eval_time_ms": round(1000 * (time.time() - t_eval)),
+            "hardware": run.gpu_name(), "ttt_plain_tokens": plain, "world_size": run.world_size,
+            "torch": torch.__version__, "seed": h.seed, "run_id": h.run_id, "within_budget": total <= h.budget_bytes}
+    if run.master:
         atomic_write(os.path.join("logs", f"{h.run_id}.submission.json"), (json.dumps(meta, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- main
+
+def train_and_evaluate(h):
+    """The pipeline: set up, build, train, export, evaluate the artifact, write submission.json; the exit code."""
+    run, resume = setup_run(h)
+    val, tbytes, loader = load_inputs(h, run, resume)
+    tr = Trainer(h, run, loader, val, tbytes)
+    tr.warmup()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if resume:
+        tr.last_ckpt = resume[0]
+        tr.load_state_dict(resume[1])
+        del resume
+        run.log(f"resumed_from:{tr.last_ckpt} step:{tr.step} train_time:{tr.train_ms:.0f}ms")
+    stopped = train(h, tr)
+    if stopped is not None:
+        return stopped
+    if h.compile:
+        run.log(f"recompiles_after_warmup:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
+    if run.cuda:
+        run.log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
+                f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    pre_bpb, code_bytes, total, artifact = export(h, tr)
+    scores, plain, t_eval = evaluate_artifact(h, tr, pre_bpb, artifact)
+    write_submission(h, tr, scores, plain, pre_bpb, code_bytes, total, t_eval)
     if total > h.budget_bytes:
-        raise UserError(f"artifact is {total} bytes, over BUDGET_BYTES={h.budget_bytes}: lower QUANT_BITS or shrink the model (files kept: {artifact})")
+        raise UserError(f"artifact is {total} bytes, over BUDGET_BYTES={h.budget_bytes}: "
+                        f"lower QUANT_BITS or shrink the model (files kept: {artifact})")
     return 0
 
 
