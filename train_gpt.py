@@ -136,6 +136,7 @@ class Hyperparameters:
         e.compile = flag("COMPILE", torch.cuda.is_available())
         # quantization, EMA, export
         e.qat_start_frac = frac("QAT_START_FRAC", 0.15)
+        e.qat_refresh_every = pos("QAT_REFRESH_EVERY", 50)
         e.quant_bits = self._bits(env("QUANT_BITS", "embed:8,bigram:6,attn:6,mlp:5,trn_in:6,trn_out:6,trn_ctrl:8"))
         e.budget_bytes = pos("BUDGET_BYTES", 16_000_000)
         e.ema_decay = frac("EMA_DECAY", 0.997)
@@ -213,7 +214,7 @@ class Hyperparameters:
 # ----------------------------------------------------------------------------- data
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-DOWNLOAD_HINT = "get it with `python data/cached_challenge_fineweb.py --variant sp1024` from github.com/openai/parameter-golf"
+DOWNLOAD_HINT = "get it with `python tools/get_data.py` (this repo) or the challenge's `data/cached_challenge_fineweb.py`"
 
 
 def shard_files(data_path, split):
@@ -373,35 +374,58 @@ def kogge_stone_scan(a: Tensor, b: Tensor) -> Tensor:
     return _Scan.apply(a, b)
 
 
-def fake_quant(w, bits):
-    """Per-row symmetric quantize-dequantize (the same grid the exporter starts from)."""
+def quant_codes(w, scale, bits):
     qmax = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
-    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+    return torch.clamp(torch.round(w / scale), -qmax, qmax)
+
+
+def fake_quant(w, scale, bits):
+    """Quantize-dequantize on the export grid: the codes and per-row fp16 scales the artifact stores."""
+    return quant_codes(w, scale, bits) * scale
 
 
 def lora(x, y, ab):
     return y if ab is None else y + (x @ ab[0].to(x.dtype)) @ ab[1].to(x.dtype)
 
 
-class CastedLinear(nn.Linear):
-    """fp32 master weight, compute in the autocast dtype. `group` names its quantization group; `qat`
-    is a tensor switch so turning fake quantization on does not recompile; `lora` holds TTT adapters."""
+class FakeQuant:
+    """A module whose `weight` the export quantizes, in quantization group `group`. With QAT on, `qweight()` is
+    exactly the weight the artifact dequantizes to (straight-through gradient): per-row scales `qscale`, set by
+    the exporter's own clip rule (refresh_qscales) and reused by the export. `qat` and `qscale` are buffers, so
+    switching QAT on and refreshing the scales never recompile. `qbits` (0: off) is set per model."""
+    qbits = 0
+
+    def init_quant(self, group):
+        self.group = group
+        self.register_buffer("qat", torch.zeros(()), persistent=False)
+        self.register_buffer("qscale", torch.ones(self.weight.size(0), 1), persistent=False)
+
+    def qweight(self):
+        w = self.weight
+        return w + self.qat * (fake_quant(w, self.qscale, self.qbits) - w).detach() if self.qbits else w
+
+
+class CastedLinear(FakeQuant, nn.Linear):
+    """fp32 master weight, compute in the autocast dtype; `lora` holds TTT adapters."""
 
     def __init__(self, fan_in, fan_out, group, zero=False):
         super().__init__(fan_in, fan_out, bias=False)
-        self.group, self.lora = group, None
-        self.register_buffer("qat", torch.zeros(()), persistent=False)
+        self.init_quant(group)
+        self.lora = None
         if zero:
             nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        w = self.weight
-        if self.qbits:
-            w = w + self.qat * (fake_quant(w, self.qbits) - w).detach()
-        return lora(x, F.linear(x, w.to(x.dtype)), self.lora)
+        return lora(x, F.linear(x, self.qweight().to(x.dtype)), self.lora)
 
-    qbits = 0  # set per model from QUANT_BITS
+
+class QEmbedding(FakeQuant, nn.Embedding):
+    def __init__(self, n, dim, group):
+        super().__init__(n, dim)
+        self.init_quant(group)
+
+    def forward(self, ids):
+        return F.embedding(ids, self.qweight())
 
 
 class MLP(nn.Module):
@@ -453,7 +477,9 @@ class Attention(nn.Module):
 
 class TRN(nn.Module):
     """K complex oscillators: r_t = a_t r_{t-1} + (1 - a_t) A_t exp(j theta_t), theta_t = w_t log(1+t) + p_t,
-    output = gate * (r_t exp(-j theta_t)) mapped back to the model width. Control path in fp32."""
+    output = gate * (r_t exp(-j theta_t)) mapped back to the model width. The control matmul runs in the autocast
+    dtype (bf16 with fp32 accumulation: in fp32 it cost more than all other matmuls together); the sigmoid,
+    theta, cos and sin run in fp32."""
 
     def __init__(self, h):
         super().__init__()
@@ -463,10 +489,11 @@ class TRN(nn.Module):
         self.inp = CastedLinear(D, 2 * K, "trn_in")  # amplitude, output gate
         self.out = CastedLinear(2 * K, D, "trn_out", zero=True)
         nn.init.normal_(self.ctrl.weight, std=0.1 / math.sqrt(D))
-        # time constants 2..T tokens (decay = 1 - 1/tau) and base frequencies over two decades
+        # time constants 2..T tokens (decay = 1 - 1/tau) and base frequencies over two decades, both stored as
+        # logs so that an Adam step (about the learning rate) is a relative change and cannot erase the spectrum
         tau = torch.logspace(math.log10(2), math.log10(max(h.train_seq_len, 4)), K)
         self.decay_logit = nn.Parameter(torch.log(tau - 1))
-        self.freq = nn.Parameter(torch.logspace(-1.5, 0.5, K))
+        self.log_freq = nn.Parameter(torch.linspace(-1.5, 0.5, K) * math.log(10))
         self.shift_mix = nn.Parameter(torch.full((D,), 0.5)) if h.use_token_shift else None
 
     def forward(self, x, ctx):
@@ -474,11 +501,10 @@ class TRN(nn.Module):
         if self.shift_mix is not None:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * keep.to(x.dtype)
             x = x + self.shift_mix.to(x.dtype) * (prev - x)
-        with torch.autocast(x.device.type, enabled=False):
-            w, p, d = self.ctrl(x.float()).unflatten(-1, (3, self.K)).unbind(-2)
+        w, p, d = self.ctrl(x).float().unflatten(-1, (3, self.K)).unbind(-2)
         amp, gate = self.inp(x).float().unflatten(-1, (2, self.K)).unbind(-2)
         a = torch.sigmoid(d + self.decay_logit)
-        theta = (w + self.freq) * logpos + p
+        theta = (w + self.log_freq.exp()) * logpos + p
         rot = torch.stack((theta.cos(), theta.sin()), -1)
         # a document start drops the old state and enters like a sequence start: r = (1 - a) A exp(j theta)
         r = kogge_stone_scan((a * keep).unsqueeze(-1), ((1 - a) * amp).unsqueeze(-1) * rot)
@@ -494,7 +520,7 @@ class BigramHash(nn.Module):
     def __init__(self, h):
         super().__init__()
         self.n, self.none = h.bigram_vocab_size, h.vocab_size
-        self.emb = nn.Embedding(self.n, h.bigram_dim)
+        self.emb = QEmbedding(self.n, h.bigram_dim, "bigram")
         nn.init.zeros_(self.emb.weight)
         self.proj = CastedLinear(h.bigram_dim, h.model_dim, "bigram")
         self.scale = nn.Parameter(torch.tensor(0.05))
@@ -523,14 +549,14 @@ class GPT(nn.Module):
     def __init__(self, h):
         super().__init__()
         self.h, self.lora = h, None  # lora: TTT adapters of the output head
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.tok_emb = QEmbedding(h.vocab_size, h.model_dim, "embed")  # also the output head
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
         self.blocks = nn.ModuleList(Block(h, i in h.attn_layers) for i in range(h.num_layers))
         self.n_enc = h.num_layers // 2  # U-Net: encoder outputs feed the mirrored decoder layers
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, h.num_layers - self.n_enc), h.model_dim))
         for m in self.modules():
-            if isinstance(m, CastedLinear):
+            if isinstance(m, FakeQuant):
                 m.qbits = h.quant_bits[m.group]
 
     def forward_logits(self, ids):
@@ -554,7 +580,7 @@ class GPT(nn.Module):
             if i < len(self.skip_weights):
                 skips.append(x)
         x = rms_norm(x)
-        logits = lora(x, F.linear(x, self.tok_emb.weight.to(x.dtype)), self.lora).float()
+        logits = lora(x, F.linear(x, self.tok_emb.qweight().to(x.dtype)), self.lora).float()
         return h.logit_softcap * torch.tanh(logits / h.logit_softcap)
 
     def forward(self, input_ids, target_ids, reduction="mean"):
@@ -565,7 +591,7 @@ class GPT(nn.Module):
 
 def set_qat(model, on):
     for m in model.modules():
-        if isinstance(m, CastedLinear):
+        if isinstance(m, FakeQuant):
             m.qat.fill_(float(on))
 
 
@@ -584,10 +610,64 @@ def param_groups(model):
 
 # ----------------------------------------------------------------------------- optimizers
 
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (torch 2.13: nesterov momentum as lerps, bf16 quintic Newton-Schulz, decoupled
+    weight decay, adjust_lr_fn="original"), bit-identical on CPU, but launch-light: one batched Newton-Schulz
+    chain per matrix shape, not one per matrix (dispatched ops per step for the default model: 160, not 1466),
+    and under torchrun each rank orthogonalises its share of each shape and all-gathers the rest."""
+
+    def __init__(self, params, lr, momentum, weight_decay, ns_steps):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalize(x, steps):
+        """(n, rows, cols) bf16, rows <= cols: X <- aX + (bG + cG^2)X with G = XX^T, from Frobenius norm <= 1."""
+        x = x / torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=1e-7)
+        for _ in range(steps):
+            gram = torch.bmm(x, x.mT)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=-4.7750, alpha=2.0315), x, beta=3.4445)
+        return x
+
+    @torch.no_grad()
+    def step(self):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            lr, m, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - m)  # every rank: keeps the state identical
+            upds = torch._foreach_lerp([p.grad for p in params], bufs, m)
+            shapes, work = {}, []  # in parameter order, so every rank issues the same collectives
+            for i, p in enumerate(params):
+                shapes.setdefault(tuple(p.shape), []).append(i)
+            for (rows, cols), idx in shapes.items():
+                k = -(-len(idx) // world)  # rank r owns matrices [r*k, (r+1)*k), zero-padded (zero stays zero)
+                mine = [upds[i] for i in idx[rank * k:(rank + 1) * k]]
+                x = torch.stack(mine + [torch.zeros_like(upds[idx[0]])] * (k - len(mine))).bfloat16()
+                x = self.orthogonalize(x.mT if rows > cols else x, group["ns_steps"])  # the smaller Gram matrix
+                handle = None
+                if world > 1:  # asynchronous: one shape's gather overlaps the next shape's Newton-Schulz
+                    out = x.new_empty((world * k, *x.shape[1:]))
+                    handle, x = dist.all_gather_into_tensor(out, x.contiguous(), async_op=True), out
+                work.append((handle, idx, x.mT if rows > cols else x, rows, cols))
+            for handle, idx, x, rows, cols in work:
+                if handle is not None:
+                    handle.wait()
+                ps = [params[i] for i in idx]
+                if wd:
+                    torch._foreach_mul_(ps, 1 - lr * wd)
+                upd = x[:len(idx)].to(torch.float32, memory_format=torch.contiguous_format)
+                torch._foreach_add_(ps, list(upd.unbind(0)), alpha=-lr * math.sqrt(max(1, rows / cols)))
+
+
 def make_optimizers(model, h):
     g = param_groups(model)
-    muon = torch.optim.Muon(g["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.weight_decay,
-                            ns_steps=h.muon_backend_steps, adjust_lr_fn="original")
+    muon = Muon(g["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.weight_decay,
+                ns_steps=h.muon_backend_steps)
     adam = torch.optim.Adam([{"params": g["embed"], "lr": h.tied_embed_lr}, {"params": g["scalar"], "lr": h.scalar_lr}],
                             betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=torch.cuda.is_available())
     for opt in (muon, adam):
@@ -618,31 +698,37 @@ def progress(h, step, elapsed_ms):
 
 def quant_groups(model):
     """Parameter name -> quantization group; everything else is stored as float."""
-    out = {"tok_emb.weight": "embed"}
-    if model.bigram is not None:
-        out["bigram.emb.weight"] = "bigram"
-    for name, m in model.named_modules():
-        if isinstance(m, CastedLinear):
-            out[name + ".weight"] = m.group
-    return out
+    return {name + ".weight": m.group for name, m in model.named_modules() if isinstance(m, FakeQuant)}
 
 
-def quantize(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
-    """Per-row symmetric codes (int8 storage) and fp16 scales, the clip of each row chosen to minimise its error."""
+def row_scales(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
+    """Per-row symmetric scales (fp16 values), each row's clip chosen to minimise its squared error."""
     w = w.float()
-    qmax = 2 ** (bits - 1) - 1
     amax = w.abs().amax(1, keepdim=True)
     best_err, best_s = None, None
     for c in clips:
-        s = (amax * c / qmax).clamp(2 ** -24, 65504.0).half().float()  # inside fp16's range: never 0 or inf
-        err = (torch.clamp(torch.round(w / s), -qmax, qmax) * s - w).square().sum(1, keepdim=True)
+        s = (amax * c / (2 ** (bits - 1) - 1)).clamp(2 ** -24, 65504.0).half().float()  # fp16 range: never 0 or inf
+        err = (fake_quant(w, s, bits) - w).square().sum(1, keepdim=True)
         if best_err is None:
             best_err, best_s = err, s
         else:
             better = err < best_err
             best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
-    q = torch.clamp(torch.round(w / best_s), -qmax, qmax).to(torch.int8)
-    return q, best_s.half()
+    return best_s
+
+
+def quantize(w, bits, scale=None):
+    """Codes (int8 storage) and fp16 row scales; `scale` (the ones QAT trained with) or chosen by row_scales."""
+    scale = row_scales(w, bits) if scale is None else scale.float()
+    return quant_codes(w.float(), scale, bits).to(torch.int8), scale.half()
+
+
+@torch.no_grad()
+def refresh_qscales(model):
+    """Set every fake-quantized weight's scales by the exporter's rule: QAT trains the grid that ships."""
+    for m in model.modules():
+        if isinstance(m, FakeQuant) and m.qbits:
+            m.qscale.copy_(row_scales(m.weight, m.qbits))
 
 
 def code_entropy_bytes(q):
@@ -659,13 +745,14 @@ def zstd():
     return zstandard
 
 
-def pack(state, qgroups, bits, arch, prune=0):
-    """Self-describing blob: arch settings, integer codes one per byte, fp16 row scales, float tensors."""
+def pack(state, qgroups, bits, arch, prune=0, scales={}):
+    """Self-describing blob: arch settings, integer codes one per byte, fp16 row scales (from `scales` where
+    given), float tensors."""
     tensors = {}
     for name, t in state.items():
         t = t.detach().cpu()
         if name in qgroups:
-            q, s = quantize(t, bits[qgroups[name]])
+            q, s = quantize(t, bits[qgroups[name]], scales.get(name))
             if prune:
                 q = torch.where(q.abs() <= prune, torch.zeros_like(q), q)
             tensors[name] = {"q": q.contiguous(), "s": s.contiguous()}
@@ -683,12 +770,13 @@ def unpack(blob):
     return obj["arch"], obj["bits"], state
 
 
-def fit_budget(state, qgroups, h, code_bytes, log):
+def fit_budget(state, qgroups, h, code_bytes, log, scales={}):
     """Choose per-group bit widths (from QUANT_BITS down to 4, 6 for embed and trn_ctrl), then light pruning of
     the smallest codes, so that code + compressed blob fits BUDGET_BYTES. Sizes are estimated from code entropy,
     calibrated on real zstd output; each dropped bit is the one costing the least relative reconstruction error
-    per byte saved."""
+    per byte saved. A group kept at its QUANT_BITS width is stored with the `scales` QAT trained with."""
     bits, prune, calib = dict(h.quant_bits), 0, 1.0
+    trained = lambda g, b: {n: scales[n] for n in scales if qgroups[n] == g and b == h.quant_bits[g]}
     # the head and the frequencies stay fine
     floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}
     names = {g: [n for n in qgroups if qgroups[n] == g] for g in sorted(set(qgroups.values()))}
@@ -699,7 +787,7 @@ def fit_budget(state, qgroups, h, code_bytes, log):
             size = err = 0.0
             for n in names[g]:
                 w = state[n].float()
-                q, s = quantize(w, b)
+                q, s = quantize(w, b, trained(g, b).get(n))
                 size += code_entropy_bytes(q) + 2 * s.numel()
                 err += float((q.float() * s.float() - w).square().sum() / w.square().sum().clamp_min(1e-20))
             cache[g, b] = (size, err)
@@ -716,7 +804,8 @@ def fit_budget(state, qgroups, h, code_bytes, log):
         while calib * estimate() > limit and any(bits[g] > floor[g] for g in names):
             g = min((g for g in names if bits[g] > floor[g]), key=harm_per_byte)
             bits[g] -= 1
-        blob = zstd().ZstdCompressor(level=22).compress(pack(state, qgroups, bits, h.arch(), prune))
+        kept = {n: s for g in names for n, s in trained(g, bits[g]).items()}
+        blob = zstd().ZstdCompressor(level=22).compress(pack(state, qgroups, bits, h.arch(), prune, kept))
         if len(blob) <= limit:
             break
         if any(bits[g] > floor[g] for g in names):
@@ -726,6 +815,10 @@ def fit_budget(state, qgroups, h, code_bytes, log):
         else:
             break
     log(f"quant_bits {' '.join(f'{g}:{bits[g]}' for g in names)} prune:{prune}")
+    lowered = [f"{g}:{h.quant_bits[g]}->{bits[g]}" for g in names if bits[g] < h.quant_bits[g]]
+    if lowered or prune:
+        log(f"quant_mismatch: the budget fit moved off the grid QAT trained ({' '.join(lowered)} prune:{prune}); "
+            "final_qat_forward no longer predicts the roundtrip score")
     return blob
 
 
@@ -792,66 +885,82 @@ def doc_spans(val, bos_id):
     return list(zip(starts, starts[1:] + [n]))
 
 
-def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print):
+def ttt_batches(val, h, rank=0, world_size=1):
+    """This rank's TTT documents, longest first, in batches padded to TTT_BATCH_DOCS with empty documents:
+    [(starts, lengths)]. A batch takes ceil(longest / TTT_CHUNK) model calls."""
+    docs, nb = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[0] - se[1]), h.ttt_batch_docs
+    docs += [(0, 0)] * (-len(docs) % nb)
+    return [([s for s, _ in docs[i:i + nb]], [e - s for s, e in docs[i:i + nb]]) for i in range(0, len(docs), nb)]
+
+
+def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print, fwd=None):
     """Legal score-first LoRA TTT. Documents go in batches, each document with its own adapters, fresh per
     document. Chunk by chunk: score the chunk with the current adapters, then take one Adam step on that chunk's
-    loss, so a chunk's scores depend only on tokens up to its end. Longest documents first, so the time estimate
-    is pessimistic: once the rest would end after `deadline` (time.time()), adaptation stops; the rest of the
-    batch keeps its adapters frozen, later batches get none. Returns per-target nll, score counts and the number
-    of tokens scored after adaptation stopped."""
+    loss, so a chunk's scores depend only on tokens up to its end. `fwd` (default `model`) is the compiled model:
+    batches are padded to TTT_BATCH_DOCS documents and windows to a multiple of TTT_CHUNK (extra positions lie
+    after the chunk, which a causal model cannot see), so a few shapes serve every chunk. Longest documents
+    first; adaptation stops once one more chunk plus plain scoring of the rest (the calls left, each timed as
+    the last forward) would end after `deadline` (time.time()): the rest of the batch keeps its adapters frozen,
+    later batches get none. Returns per-target nll, score counts, and the tokens scored with frozen adapters
+    and with none."""
     n, C, L, dev = val.numel() - 1, h.ttt_chunk, max(h.eval_seq_len, h.ttt_chunk), val.device
+    L, nb, fwd = -(-L // C) * C, h.ttt_batch_docs, model if fwd is None else fwd
     nll, cnt = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)
-    docs = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[0] - se[1])
+    batches = ttt_batches(val, h, rank, world_size)
     owners = [(m, m.weight) for m in model.modules() if isinstance(m, CastedLinear) and m.group in h.ttt_targets]
     owners += [(model, model.tok_emb.weight)] * ("head" in h.ttt_targets)  # the tied output head
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    adapt, t0, done, plain, total = True, time.time(), 0, 0, sum(e - s for s, e in docs)
+    adapt, counts, total = True, [0, 0], sum(sum(lens) for _, lens in batches)
+    left, calls = total, sum(-(-max(lens) // C) for _, lens in batches)
 
     def adapters(gens, fan_in, fan_out):  # seeded per document: scores do not depend on ranks or batching
         A = torch.stack([torch.randn(fan_in, h.ttt_rank, generator=g) for g in gens]).to(dev) / math.sqrt(fan_in)
         B = torch.zeros(len(gens), h.ttt_rank, fan_out, device=dev, requires_grad=True)  # B = 0: no change yet
         return A.requires_grad_(), B
 
-    for bi in range(0, len(docs), h.ttt_batch_docs):
-        batch = docs[bi:bi + h.ttt_batch_docs]
+    for bi, (starts, lens) in enumerate(batches):
         if adapt:
-            gens = [torch.Generator().manual_seed(h.seed * 1_000_003 + s) for s, _ in batch]
+            gens = [torch.Generator().manual_seed(h.seed * 1_000_003 + s) for s in starts]
             for m, w in owners:
                 m.lora = adapters(gens, w.size(1), w.size(0))
             opt = torch.optim.Adam([t for m, _ in owners for t in m.lora], lr=h.ttt_lr, betas=(0.9, 0.95))
-        lens = torch.tensor([e - s for s, e in batch], device=dev)
-        starts = torch.tensor([s for s, _ in batch], device=dev)
-        longest = int(lens.max())
-        for c0 in range(0, longest, C):
-            lo, hi = max(0, c0 + C - L), min(c0 + C, longest)
-            rel = torch.arange(lo, hi, device=dev)
-            valid = rel[None] < lens[:, None]
+        lens_t, starts = torch.tensor(lens, device=dev), torch.tensor(starts, device=dev)
+        for c0 in range(0, max(lens), C):
+            t = time.time()
+            lo = max(0, c0 + C - L)
+            rel = torch.arange(lo, lo + -(-(min(c0 + C, max(lens)) - lo) // C) * C, device=dev)
+            valid = rel[None] < lens_t[:, None]
             idx = torch.where(valid, starts[:, None] + rel, 0)
-            update = adapt and hi < longest
-            with torch.set_grad_enabled(update), autocast(dev):
-                loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
-            mask = valid & (rel >= c0)[None]
+            with torch.set_grad_enabled(adapt), autocast(dev):
+                loss = fwd(val[idx].long(), val[idx + 1].long(), reduction="none")
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # to time the call (one sync per chunk; the evaluation is not training)
+            call_s, calls = time.time() - t, calls - 1
+            mask = valid & ((rel >= c0) & (rel < c0 + C))[None]
             nll.index_add_(0, idx[mask], loss.detach()[mask].double())
             cnt.index_add_(0, idx[mask], torch.ones_like(idx[mask], dtype=torch.int32))
-            done += int(mask.sum())
-            plain += 0 if adapt else int(mask.sum())
-            if update:
+            k = sum(max(0, min(l, c0 + C) - c0) for l in lens)  # targets scored now, known without a sync
+            left -= k
+            if not adapt:
+                counts[bi > stop_batch] += k
+            elif c0 + C < max(lens):
                 opt.zero_grad(set_to_none=True)
                 ((loss * mask).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
                 opt.step()
             now = time.time()
-            if adapt and deadline is not None and done < total and (now > deadline or (
-                    done >= total / 100 and now + (now - t0) / done * (total - done) > deadline)):
-                adapt = False
-                log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {total - done} of {total} tokens without TTT")
-        for m, _ in owners:
-            m.lora = None
+            if adapt and deadline is not None and left and now + (now - t) + calls * call_s > deadline:
+                adapt, stop_batch = False, bi
+                log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {left} of {total} tokens without further adaptation")
+        if not adapt:  # later batches: zero adapters, so the output is the plain model's (same compiled graph)
+            for m, _ in owners:
+                m.lora = tuple(torch.zeros_like(t) for t in m.lora)
+    for m, _ in owners:
+        m.lora = None
     for p in frozen:
         p.requires_grad_(True)
-    return nll, cnt, plain
-
+    return nll, cnt, counts
 
 
 # ----------------------------------------------------------------------------- checkpoints and outputs
@@ -939,6 +1048,7 @@ def setup_run(h):
     run = Run()
     if run.cuda:
         torch.cuda.set_device(run.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls, as the baseline
     if run.distributed:
         dist.init_process_group("nccl" if run.cuda else "gloo", device_id=run.device if run.cuda else None,
                                 timeout=datetime.timedelta(minutes=30))  # rank 0 alone fits the budget at export
@@ -1003,18 +1113,21 @@ class Trainer:
             counts[self.qgroups.get(name, "float")] = counts.get(self.qgroups.get(name, "float"), 0) + p.numel()
         run.log(f"params total:{sum(counts.values())} " + " ".join(f"{g}:{n}" for g, n in sorted(counts.items())))
         self.compiled = torch.compile(self.base, dynamic=False) if h.compile else self.base
+        torch._dynamo.config.cache_size_limit = 32  # training + flat + sliding + TTT window shapes: one graph each
         self.model = self.compiled if not run.distributed else nn.parallel.DistributedDataParallel(
             self.compiled, device_ids=[run.device] if run.cuda else None, broadcast_buffers=False)
         self.opts = make_optimizers(self.base, h)
         self.params = list(self.base.parameters())
         self.flat_batch = max(1, h.val_batch_size // (h.train_seq_len * run.world_size))
-        self.step, self.train_ms, self.lr_mult, self.ema, self.ema_step = 0, 0.0, 1.0, None, None
+        self.step, self.train_ms, self.lr_mult, self.ema, self.ema_step, self.qat_on = 0, 0.0, 1.0, None, None, False
+        self.fq = [m for m in self.base.modules() if isinstance(m, FakeQuant)]
         self.last_ckpt, self.t0, self.retries = None, None, h.divergence_retries
 
     def state_dict(self):
         return {"config": run_config(self.h), "step": self.step, "train_ms": self.train_ms, "lr_mult": self.lr_mult,
                 "model": self.base.state_dict(), "opts": [o.state_dict() for o in self.opts], "ema": self.ema,
-                "ema_step": self.ema_step, "loader": self.loader.stream.state(), "rng": torch.get_rng_state(),
+                "ema_step": self.ema_step, "qat_on": self.qat_on, "qscales": [m.qscale for m in self.fq],
+                "loader": self.loader.stream.state(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.run.device) if self.run.cuda else None}
 
     def load_state_dict(self, ck):
@@ -1026,6 +1139,10 @@ class Trainer:
         if self.run.cuda and ck["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"], self.run.device)
         self.ema = None if ck["ema"] is None else [t.to(self.run.device) for t in ck["ema"]]
+        for m, q in zip(self.fq, ck["qscales"]):
+            m.qscale.copy_(q)
+        self.qat_on = ck["qat_on"]
+        set_qat(self.base, self.qat_on)
         self.step, self.train_ms, self.lr_mult = ck["step"], ck["train_ms"], ck["lr_mult"]
         self.ema_step = ck["ema_step"]
 
@@ -1067,15 +1184,35 @@ class Trainer:
         h = self.h
         if not h.warmup_steps:
             return
-        snapshot = copy.deepcopy(self.state_dict())
-        for _ in range(h.warmup_steps):
-            self.train_step(0.0)
+        snapshot, done = copy.deepcopy(self.state_dict()), 0
+        while done < h.warmup_steps:
+            try:
+                self.train_step(0.0)
+                done += 1
+            except torch.cuda.OutOfMemoryError:  # halve the micro-batch: accumulation keeps the global batch
+                if self.loader.micro == 1:
+                    raise UserError(f"one sequence of TRAIN_SEQ_LEN={h.train_seq_len} does not fit in GPU memory: "
+                                    "shrink the model or the sequence") from None
+                self.loader.micro, done = self.loader.micro // 2, 0
+                self.load_state_dict(snapshot)
+                for p in self.params:
+                    p.grad = None
+                torch.cuda.empty_cache()
+                self.run.log(f"micro_batch_seqs:{self.loader.micro} (CUDA out of memory at twice that: halved)")
         self.load_state_dict(snapshot)
         if h.compile:  # the evaluation graphs too, so neither training nor the timed evaluation compiles again
             for shape in {(self.flat_batch, h.train_seq_len), (h.eval_batch_seqs, h.eval_seq_len)}:
                 with torch.no_grad(), autocast(self.run.device):
                     ids = torch.zeros(shape, dtype=torch.long, device=self.run.device)
                     self.compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
+            if h.ttt_enabled:  # every TTT window shape, adapting (no deadline) and not (a deadline passed):
+                C = h.ttt_chunk  # a batch of documents of L + C tokens, then one of C tokens
+                L = -(-max(h.eval_seq_len, C) // C) * C
+                docs = torch.full((h.ttt_batch_docs * (L + C) + C + 1,), (h.bos_id + 1) % h.vocab_size,
+                                  dtype=torch.int32, device=self.run.device)
+                docs[torch.arange(h.ttt_batch_docs + 1) * (L + C)] = h.bos_id
+                for deadline in (None, 0):
+                    score_ttt(self.base, docs, h, deadline=deadline, log=lambda m: None, fwd=self.compiled)
         self.run.log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
 
     def evaluate(self, seq_len, stride, batch_seqs):
@@ -1109,11 +1246,10 @@ class Trainer:
         self.last_ckpt = os.path.join(self.h.checkpoint_dir, f"step_{self.step:07d}.pt")  # every rank rolls back alike
         self.t0 = time.perf_counter()
 
-    def rollback(self, elapsed):
+    def rollback(self, bad_step, elapsed):
         """After a non-finite loss: back to the last checkpoint with halved learning rates; False if not allowed."""
         if not (self.retries and self.last_ckpt):
             return False
-        bad_step = self.step
         self.load_state_dict(load_checkpoint(self.h, self.last_ckpt)[1])
         self.retries, self.lr_mult, self.train_ms = self.retries - 1, self.lr_mult * 0.5, elapsed  # lost time counts
         self.run.log(f"divergence at step:{bad_step}: rolled back to {self.last_ckpt} (step {self.step}) "
@@ -1122,15 +1258,30 @@ class Trainer:
         return True
 
 
+def read_flags(pending, keep):
+    """Wait for and read the queued steps' flags, all but the newest `keep`: (clock, signalled, first non-finite
+    step or 0), or None when nothing was read."""
+    got = None
+    while len(pending) > keep:
+        flags, work = pending.pop(0)
+        if work is not None:
+            work.wait()
+        clock, signalled, bad, step = flags.tolist()
+        got = (clock, signalled, got[2] if got and got[2] else int(step) * (bad > 0))
+    return got
+
+
 def train(h, tr):
-    """The training loop, until ITERATIONS or MAX_WALLCLOCK_SECONDS; returns an exit code if a signal stopped it."""
-    run, got_signal = tr.run, []
+    """The training loop, until ITERATIONS or MAX_WALLCLOCK_SECONDS; returns an exit code if a signal stopped it.
+    No step waits for the GPU: its flags (clock, signal, non-finite loss) are all-reduced asynchronously and read
+    one step later, except on the steps that log, checkpoint or end, which read their own at once."""
+    run, got_signal, pending = tr.run, [], []
+    capped = lambda ms: bool(h.max_wallclock_seconds) and ms >= 1000 * h.max_wallclock_seconds
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: got_signal.append(signum))
     run.sync()
     tr.t0 = time.perf_counter()
-    stop_after, qat_on = bool(h.max_wallclock_seconds) and tr.train_ms >= 1000 * h.max_wallclock_seconds, False
-    clock = tr.train_ms  # training time agreed by all ranks (their max), so they schedule alike
+    stop_after, clock = capped(tr.train_ms), tr.train_ms  # clock: agreed by all ranks, so they schedule alike
     while True:
         last = tr.step >= h.iterations or stop_after
         if last or (h.val_loss_every and tr.step % h.val_loss_every == 0 and tr.step):
@@ -1138,38 +1289,47 @@ def train(h, tr):
         if last:
             break
         p = progress(h, tr.step, clock)
-        if qat_on != (p >= h.qat_start_frac):
-            qat_on = not qat_on
-            set_qat(tr.base, qat_on)
-            run.log(f"qat:{'on' if qat_on else 'off'} step:{tr.step}")
+        if tr.qat_on != (p >= h.qat_start_frac):
+            tr.qat_on = not tr.qat_on
+            set_qat(tr.base, tr.qat_on)
+            refresh_qscales(tr.base)
+            run.log(f"qat:{'on' if tr.qat_on else 'off'} step:{tr.step}")
+        elif tr.qat_on and tr.step % h.qat_refresh_every == 0:
+            refresh_qscales(tr.base)  # the exporter's clip rule follows the weights
         loss, gnorm = tr.train_step(clock)
         tr.step += 1
         if p >= h.ema_start_frac:
             tr.update_ema()
-        elapsed = tr.elapsed()
-        flags = torch.stack((loss.new_tensor(elapsed), loss.new_tensor(float(bool(got_signal))),
-                             (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float()))
-        if run.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        clock, signalled, diverged = flags.tolist()  # the step's one host sync
-        if diverged:
-            if tr.rollback(elapsed):
+        flags = torch.stack((loss.new_tensor(tr.elapsed()), loss.new_tensor(float(bool(got_signal))),
+                             (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float(), loss.new_tensor(tr.step)))
+        pending.append((flags, dist.all_reduce(flags, dist.ReduceOp.MAX, async_op=True) if run.distributed else None))
+        logged = tr.step % h.train_log_every == 0 or tr.step <= 10
+        ckpt_due = h.checkpoint_every and tr.step % h.checkpoint_every == 0
+        got = read_flags(pending, 0 if logged or ckpt_due or tr.step >= h.iterations else 1)
+        if got is None:
+            continue
+        if (got[1] or capped(got[0])) and not got[2]:
+            got = read_flags(pending, 0) or got  # stopping: this step's flags too, so no bad state is kept
+        clock, signalled, bad = got  # clock: training time agreed by all ranks (their max)
+        if bad:
+            pending.clear()
+            if tr.rollback(bad, clock):
                 continue
-            raise UserError(f"non-finite loss or gradient norm at step {tr.step}; last good checkpoint: "
+            raise UserError(f"non-finite loss or gradient norm at step {bad}; last good checkpoint: "
                             f"{tr.last_ckpt or 'none (set CHECKPOINT_EVERY)'}; "
                             "lower MATRIX_LR/SCALAR_LR or set GRAD_CLIP_NORM, then RESUME_FROM it")
-        if tr.step % h.train_log_every == 0 or tr.step <= 10:
+        if logged:
             if run.distributed:  # the global batch's loss, not this rank's share (only when logged: off the hot path)
                 dist.all_reduce(loss)
                 loss /= run.world_size
-            run.log(f"step:{tr.step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-                    f"step_avg:{elapsed / tr.step:.2f}ms")
-        if signalled or (h.checkpoint_every and tr.step % h.checkpoint_every == 0):
+            run.log(f"step:{tr.step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{clock:.0f}ms "
+                    f"step_avg:{clock / tr.step:.2f}ms")
+        if signalled or ckpt_due:
             tr.checkpoint()
         if signalled:
             run.log(f"stopped_by_signal step:{tr.step}")
             return 128 + (got_signal[0] if got_signal else signal.SIGTERM)
-        stop_after = bool(h.max_wallclock_seconds) and clock >= 1000 * h.max_wallclock_seconds
+        stop_after = capped(clock)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
     if h.checkpoint_every and tr.step % h.checkpoint_every:
@@ -1193,9 +1353,15 @@ def export(h, tr):
     set_qat(tr.base, False)
     pre_loss, pre_bpb, _, _ = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
     run.log(f"final_prequant val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
+    refresh_qscales(tr.base)  # the grid of these weights, which the export reuses
+    set_qat(tr.base, True)
+    q_loss, q_bpb, _, _ = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
+    set_qat(tr.base, False)
+    run.log(f"final_qat_forward val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f}")
     code_bytes = len(open(__file__, "rb").read())
     state = {k: v.cpu() for k, v in tr.base.state_dict().items()}
-    blob = [fit_budget(state, tr.qgroups, h, code_bytes, run.log) if run.master else None]
+    scales = {n: tr.base.get_submodule(n[:-7]).qscale.cpu() for n in tr.qgroups}  # n[:-7]: the module of n.weight
+    blob = [fit_budget(state, tr.qgroups, h, code_bytes, run.log, scales) if run.master else None]
     if run.distributed:
         dist.broadcast_object_list(blob, src=0)
     blob = blob[0]
@@ -1212,38 +1378,58 @@ def export(h, tr):
 
 
 def evaluate_artifact(h, tr, pre_bpb, artifact):
-    """Flat, sliding and TTT scores of the reloaded artifact: ({mode: (loss, bpb)}, TTT plain tokens or None)."""
+    """Flat, sliding and TTT scores of the reloaded artifact within EVAL_MAX_SECONDS: ({mode: (loss, bpb)}, TTT
+    tokens scored after adaptation stopped as [with frozen adapters, with none] or None, start time). The flat
+    pass always runs and its rate projects the rest: sliding is skipped if it would not leave TTT the time to
+    score plainly, and TTT stops adapting while the rest can still be scored plainly in time."""
     run, t_eval = tr.run, time.time()
     loss, bpb, ntok, nbytes = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
+    flat_s = time.time() - t_eval
     run.log(f"final_int5_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} val_tokens:{ntok} val_bytes:{nbytes} "
-            f"eval_time:{1000 * (time.time() - t_eval):.0f}ms")
+            f"eval_time:{1000 * flat_s:.0f}ms")
     run.log(f"final_int5_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if not math.isfinite(loss):
         raise UserError(f"the reloaded artifact scores val_loss {loss}: its weights are not finite (files kept: {artifact})")
     run.log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
-    scores, plain = {"roundtrip_flat": (loss, bpb)}, None
+    scores, counts, deadline = {"roundtrip_flat": (loss, bpb)}, None, t_eval + h.eval_max_seconds
     if 0 < h.eval_stride < h.eval_seq_len:
-        t = time.time()
-        s_loss, s_bpb, s_ntok, _ = tr.evaluate(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
-        scores["roundtrip_sliding"] = (s_loss, s_bpb)
-        run.log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} "
-                f"val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
+        # plain TTT scoring of the split, projected per model call from the flat pass's time per call, scaled
+        # up by the tokens per call when TTT's are larger
+        flat_calls = -(-len(eval_windows(ntok, h.train_seq_len, h.train_seq_len)[0]) // run.world_size // tr.flat_batch)
+        ttt_tokens = h.ttt_batch_docs * -(-max(h.eval_seq_len, h.ttt_chunk) // h.ttt_chunk) * h.ttt_chunk
+        call_s = flat_s / flat_calls * max(1.0, ttt_tokens / (tr.flat_batch * h.train_seq_len))
+        keep = h.ttt_enabled * call_s * sum(-(-max(lens) // h.ttt_chunk) for _, lens in
+                                            ttt_batches(tr.val, h, run.rank, run.world_size))
+        need = flat_s * h.eval_seq_len / h.eval_stride
+        skip = torch.tensor(float(time.time() + need + keep > deadline), device=run.device)
+        if run.distributed:  # every rank takes the same decision
+            dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+        if skip:
+            run.log(f"final_sliding_window skipped: it needs about {need:.1f}s (+{keep:.1f}s kept for TTT), "
+                    f"{deadline - time.time():.1f}s of EVAL_MAX_SECONDS={h.eval_max_seconds:g} are left")
+        else:
+            t = time.time()
+            s_loss, s_bpb, s_ntok, _ = tr.evaluate(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
+            scores["roundtrip_sliding"] = (s_loss, s_bpb)
+            run.log(f"final_sliding_window val_loss:{s_loss:.4f} val_bpb:{s_bpb:.4f} stride:{h.eval_stride} "
+                    f"val_tokens:{s_ntok} eval_time:{1000 * (time.time() - t):.0f}ms")
     if h.ttt_enabled:
         t = time.time()
         say = run.log if run.master else (lambda m: print(m, flush=True))  # a guard firing on any rank is reported
-        nll, cnt, plain = score_ttt(tr.base, tr.val, h, run.rank, run.world_size, t_eval + h.eval_max_seconds, say)
+        nll, cnt, counts = score_ttt(tr.base, tr.val, h, run.rank, run.world_size, deadline, say, tr.compiled)
         t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tr.tbytes)
-        plain = torch.tensor(plain, device=run.device)
+        counts = torch.tensor(counts, device=run.device)
         if run.distributed:
-            dist.all_reduce(plain)
-        plain = int(plain)
+            dist.all_reduce(counts)
+        counts = counts.tolist()
         scores["roundtrip_ttt"] = (t_loss, t_bpb)
+        note = f" ttt_frozen_tokens:{counts[0]} ttt_plain_tokens:{counts[1]}" if any(counts) else ""
         run.log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} "
-                f"eval_time:{1000 * (time.time() - t):.0f}ms" + (f" ttt_plain_tokens:{plain}" if plain else ""))
-    return scores, plain, t_eval
+                f"eval_time:{1000 * (time.time() - t):.0f}ms{note}")
+    return scores, counts, t_eval
 
 
-def write_submission(h, tr, scores, plain, pre_bpb, code_bytes, total, t_eval):
+def write_submission(h, tr, scores, counts, pre_bpb, code_bytes, total, t_eval):
     """logs/<RUN_ID>.submission.json; headline: the last (most thorough) evaluation of the reloaded artifact."""
     run, mode = tr.run, list(scores)[-1]
     record = run.cuda and run.world_size == 8 and 0 < h.max_wallclock_seconds <= 600 and "H100" in run.gpu_name()
@@ -1254,7 +1440,8 @@ def write_submission(h, tr, scores, plain, pre_bpb, code_bytes, total, t_eval):
             "bytes_total": total, "bytes_code": code_bytes, "prequant_val_bpb": round(pre_bpb, 8),
             **{f"{k}_val_bpb": round(v[1], 8) for k, v in scores.items()}, "steps": tr.step,
             "train_time_ms": round(tr.train_ms), "eval_time_ms": round(1000 * (time.time() - t_eval)),
-            "hardware": run.gpu_name(), "ttt_plain_tokens": plain, "world_size": run.world_size,
+            "hardware": run.gpu_name(), "ttt_frozen_tokens": counts and counts[0],
+            "ttt_plain_tokens": counts and counts[1], "world_size": run.world_size,
             "torch": torch.__version__, "seed": h.seed, "run_id": h.run_id, "within_budget": total <= h.budget_bytes}
     if run.master:
         atomic_write(os.path.join("logs", f"{h.run_id}.submission.json"), (json.dumps(meta, indent=2) + "\n").encode())
@@ -1283,8 +1470,8 @@ def train_and_evaluate(h):
         run.log(f"peak memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
                 f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
     pre_bpb, code_bytes, total, artifact = export(h, tr)
-    scores, plain, t_eval = evaluate_artifact(h, tr, pre_bpb, artifact)
-    write_submission(h, tr, scores, plain, pre_bpb, code_bytes, total, t_eval)
+    scores, counts, t_eval = evaluate_artifact(h, tr, pre_bpb, artifact)
+    write_submission(h, tr, scores, counts, pre_bpb, code_bytes, total, t_eval)
     if total > h.budget_bytes:
         raise UserError(f"artifact is {total} bytes, over BUDGET_BYTES={h.budget_bytes}: "
                         f"lower QUANT_BITS or shrink the model (files kept: {artifact})")

@@ -4,6 +4,11 @@ training step of the hybrid against the plain transformer. Prints Markdown table
     python tests/bench_speed.py            # full sizes on CUDA (tiny sizes when there is no CUDA device)
     python tests/bench_speed.py --tiny     # small sizes, well under a minute on a laptop CPU
     python tests/bench_speed.py --profile  # also a per-layer-type profile of one eager hybrid step
+    python tests/bench_speed.py --compile --scan-shape 4,1024,256 --scan-only   # the CPU scan table of the README
+
+Besides the scan and the training step: one TRN block against one attention block, the inductor kernel count
+of a TRN block with the previous and the current scan (when compiling), and one Muon step (ours against
+torch.optim.Muon).
 
 Not a pytest module (its name does not start with test_). Timings are medians over repeats after warmup.
 """
@@ -84,6 +89,39 @@ def scan_naive_ks(a, b):
     return torch.stack((_naive_ks_real(a, b[..., 0]), _naive_ks_real(a, b[..., 1])), -1)
 
 
+class _DoublingScan(torch.autograd.Function):
+    """The scan before the blocked one (train_gpt.py up to c9d6898): ceil(log2 T) in-place doubling passes
+    over the whole tensor forward, and again backward; saves a and h."""
+
+    @staticmethod
+    def _ks(a, b, reverse):
+        a, b = a.clone(), b.clone()
+        T, d = b.size(1), 1
+        while d < T:
+            src, dst = (slice(d, None), slice(None, -d)) if reverse else (slice(None, -d), slice(d, None))
+            b[:, dst] += a[:, dst] * b[:, src]
+            if 2 * d < T:
+                a[:, dst] = a[:, dst] * a[:, src]
+            d *= 2
+        return b
+
+    @staticmethod
+    def forward(ctx, a, b):
+        h = _DoublingScan._ks(a, b, False)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        a, h = ctx.saved_tensors
+        gb = _DoublingScan._ks(torch.cat((a[:, 1:], torch.zeros_like(a[:, :1])), 1), g.contiguous(), True)
+        return (gb * torch.cat((torch.zeros_like(h[:, :1]), h[:, :-1]), 1)).sum_to_size(a.shape), gb
+
+
+def scan_doubling(a, b):
+    return _DoublingScan.apply(a, b)
+
+
 def saved_mib(fn, *args):
     """MiB of distinct storages autograd saves for backward when running fn(*args)."""
     seen = {}
@@ -98,14 +136,18 @@ def saved_mib(fn, *args):
     return sum(seen.values()) / 2**20
 
 
-def bench_scan(B, T, K, reps, seq_reps):
+def bench_scan(B, T, K, reps, seq_reps, compile_):
     torch.manual_seed(0)
     tau = torch.logspace(math.log10(2), math.log10(max(T, 4)), K, device=DEV)  # TRN's decay range
     a = torch.sigmoid(torch.log(tau - 1) + 0.5 * torch.randn(B, T, K, device=DEV)).unsqueeze(-1).requires_grad_()
     b = torch.randn(B, T, K, 2, device=DEV, requires_grad=True)
     g = torch.randn(B, T, K, 2, device=DEV)
-    NAIVE, OURS = "naive Kogge-Stone (bench reference)", "ours (`kogge_stone_scan`)"
-    impls = {"sequential loop": scan_sequential, NAIVE: scan_naive_ks, OURS: tg.kogge_stone_scan}
+    NAIVE, OURS = "seed-style Kogge-Stone (bench reference)", "ours (`kogge_stone_scan`), eager"
+    impls = {"sequential loop": scan_sequential, NAIVE: scan_naive_ks,
+             "previous doubling scan (before the blocked one), eager": scan_doubling, OURS: tg.kogge_stone_scan}
+    if compile_:
+        impls["previous doubling scan, compiled"] = torch.compile(scan_doubling, dynamic=False)
+        impls["ours, compiled"] = torch.compile(tg.kogge_stone_scan, dynamic=False)
 
     def fwd_bwd(fn):
         h = fn(a, b)
@@ -135,13 +177,15 @@ def bench_scan(B, T, K, reps, seq_reps):
         r = seq_reps if fn is scan_sequential else reps
         ms, peak = timed(lambda: fwd_bwd(fn), reps=r, warmup=1 if fn is scan_sequential else 3)
         results[name] = (ms, peak, saved_mib(fn, a, b), r)
-    ours, naive = results[OURS][0], results[NAIVE][0]
-    rows = [[name, f"{ms:.3f}", fmt(peak, ".1f"), f"{sv:.3g}", f"{errs[name]:.1e}", r]
+    ours, naive = min(v[0] for k, v in results.items() if k.startswith("ours")), results[NAIVE][0]
+    rows = [[name, f"{ms:.3f}", f"{naive / ms:.1f}", fmt(peak, ".1f"), f"{sv:.3g}", f"{errs[name]:.1e}", r]
             for name, (ms, peak, sv, r) in results.items()]
-    rows.append([f"bandwidth lower bound ({scan_bytes / 1e6:.3g} MB at {bw / 1e9:.3g} GB/s)", f"{bound_ms:.3f}", "", "", "", ""])
+    rows.append([f"bandwidth lower bound ({scan_bytes / 1e6:.3g} MB at {bw / 1e9:.3g} GB/s)", f"{bound_ms:.3f}",
+                 f"{naive / bound_ms:.1f}", "", "", "", ""])
     print(f"\n#### Scan forward+backward (B={B}, T={T}, K={K} complex pairs sharing one decay, fp32)\n")
-    print(table(["implementation", "ms", "peak MiB", "saved for bwd MiB", "max rel err vs loop", "repeats"], rows))
-    print(f"\nours/naive = {ours / naive:.3f}, ours/lower bound = {ours / bound_ms:.1f}. Lower bound: forward reads a, b and "
+    print(table(["implementation", "ms (median)", "x faster than seed-style", "peak MiB", "saved for bwd MiB",
+                 "max rel err vs loop", "repeats"], rows))
+    print(f"\nfaster of ours / seed-style = {ours / naive:.3f}, ours/lower bound = {ours / bound_ms:.1f}. Lower bound: forward reads a, b and "
           f"writes h, backward reads a, h, grad_h and writes grad_a, grad_b: 13 x 4 bytes per (b, t, k); bandwidth "
           f"measured as a {'1 GiB' if CUDA else '16 MiB'} device copy, read + write bytes. Peak MiB: allocated above the inputs.")
 
@@ -205,6 +249,68 @@ def bench_step(model_type, tiny, compile_, reps, warmup):
         peak = torch.cuda.max_memory_allocated() / 2**30
     del base, step
     return h, ms, peak, recompiles
+
+
+# ----------------------------------------------------------------------------- blocks, kernels, optimizer
+
+def bench_blocks(h, B, reps, compile_):
+    """One TRN block against one attention block (each with its MLP), forward + backward at the same shape;
+    and the number of kernels inductor generates for the TRN block with the previous and the current scan."""
+    from torch._inductor import metrics
+    x = torch.randn(B, h.train_seq_len, h.model_dim, device=DEV, requires_grad=True)
+    ids = torch.randint(2, h.vocab_size, (B, h.train_seq_len), device=DEV)
+    keep = torch.ones(B, h.train_seq_len, 1, device=DEV)
+    ctx = (keep, torch.log1p(torch.arange(h.train_seq_len, device=DEV).float()).expand(B, -1)[..., None])
+    rows, kernels = [], {}
+    for name, attn in (("TRN block", False), ("attention block", True)):
+        torch.manual_seed(0)
+        block = tg.Block(h, attn).to(DEV)
+        fn = torch.compile(block, dynamic=False) if compile_ else block
+
+        def fwd_bwd():
+            with tg.autocast(DEV):
+                fn(x, x, ctx).float().square().mean().backward()
+
+        ms, _ = timed(fwd_bwd, reps=reps, warmup=2)
+        rows.append([name, f"{ms:.3f}"])
+        if compile_ and not attn:
+            for label, scan in (("previous doubling scan", scan_doubling), ("blocked scan", tg.kogge_stone_scan)):
+                torch._dynamo.reset()
+                metrics.reset()
+                orig, tg.kogge_stone_scan = tg.kogge_stone_scan, scan
+                try:
+                    torch.compile(block, dynamic=False)(x, x, ctx).float().square().mean().backward()
+                finally:
+                    tg.kogge_stone_scan = orig
+                kernels[label] = metrics.generated_kernel_count
+    del ids
+    print(f"\n#### One block, forward + backward ({'compiled' if compile_ else 'eager'}; B={B}, T={h.train_seq_len}, "
+          f"dim {h.model_dim}, K={h.num_oscillators})\n")
+    print(table(["block", "ms (median)"], rows))
+    print(f"\nTRN/attention block = {float(rows[0][1]) / float(rows[1][1]):.3f}")
+    if kernels:
+        print("inductor kernels generated for one TRN block forward + backward: " +
+              ", ".join(f"{k} {v}" for k, v in kernels.items()))
+
+
+def bench_optimizer(h, reps):
+    """One Muon step over the model's matrices: train_gpt.Muon (batched Newton-Schulz) against torch.optim.Muon."""
+    torch.manual_seed(0)
+    base = tg.GPT(h).to(DEV)
+    mats = tg.param_groups(base)["matrix"]
+    for p in mats:
+        p.grad = torch.randn_like(p)
+    rows = []
+    for name, cls in (("torch.optim.Muon", torch.optim.Muon), ("train_gpt.Muon", tg.Muon)):
+        opt = cls(mats, lr=0.02, momentum=0.95, weight_decay=0.04, ns_steps=h.muon_backend_steps,
+                  adjust_lr_fn="original")
+        ms, _ = timed(opt.step, reps=reps, warmup=1)
+        rows.append([name, f"{ms:.2f}"])
+    shapes = len({tuple(p.shape) for p in mats})
+    print(f"\n#### Muon step over the {len(mats)} matrices ({shapes} shapes) of the {h.num_layers}-layer, "
+          f"dim-{h.model_dim} model\n")
+    print(table(["optimizer", "ms (median)"], rows))
+    print(f"\ntrain_gpt.Muon / torch.optim.Muon = {float(rows[1][1]) / float(rows[0][1]):.3f}")
 
 
 # ----------------------------------------------------------------------------- per-layer-type profile
@@ -271,20 +377,28 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="eager training step on CUDA too")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step off CUDA too (needs a C++ compiler)")
     ap.add_argument("--profile", action="store_true", help="per-layer-type profile of one eager hybrid step")
-    ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 20 full, 3 tiny)")
+    ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 20 full, 5 tiny)")
+    ap.add_argument("--scan-shape", default="", help="B,T,K of the scan benchmark (default 32,1024,256 on CUDA, "
+                    "2,128,16 tiny)")
+    ap.add_argument("--scan-only", action="store_true", help="only the scan benchmark")
     args = ap.parse_args()
     tiny = args.tiny or not CUDA
-    reps = args.reps or (3 if tiny else 20)
+    reps = args.reps or (5 if tiny else 20)
     compile_ = (CUDA or args.compile) and not args.no_compile
     if CUDA:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt.py
-    B, T, K = (2, 128, 16) if tiny else (32, 1024, 256)
+    B, T, K = map(int, args.scan_shape.split(",")) if args.scan_shape else (2, 128, 16) if tiny else (32, 1024, 256)
     dev_name = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
     print(f"### Speed benchmark: {dev_name}, torch {torch.__version__}{', CUDA ' + torch.version.cuda if CUDA else ''}, "
           f"{'tiny' if tiny else 'full'} sizes (scan B={B} T={T} K={K}), training step {'compiled' if compile_ else 'eager'}, "
           f"{'bf16 autocast' if CUDA else 'fp32 (no autocast off CUDA)'}")
 
-    bench_scan(B, T, K, reps, seq_reps=min(reps, 3))
+    bench_scan(B, T, K, reps, min(reps, 3), compile_)
+    if args.scan_only:
+        return
+    h = hparams(**(TINY_MODEL if tiny else {}))
+    bench_blocks(h, h.micro_batch_seqs, reps, compile_)
+    bench_optimizer(h, max(3, reps // 4))
 
     rows, ms, hs = [], {}, {}
     for mt in ("hybrid", "transformer"):

@@ -1,6 +1,7 @@
 """Evaluation: sliding windows, per-target scoring over simulated ranks, finish(), and score-first LoRA TTT."""
 import math
 import time
+import types
 
 import numpy as np
 import pytest
@@ -206,9 +207,9 @@ def _ttt(model, val, h, ws=1, deadline=None, log=None, seed=0):
     nll = cnt = None
     plain = 0
     for r in range(ws):
-        a, c, p = tg.score_ttt(model, val, h, r, ws, deadline=deadline, log=lines.append if log is None else log)
+        a, c, (frozen, p) = tg.score_ttt(model, val, h, r, ws, deadline=deadline, log=lines.append if log is None else log)
         nll, cnt = (a, c) if nll is None else (nll + a, cnt + c)
-        plain += p
+        plain += frozen + p  # scored after adaptation stopped: with frozen adapters, or with none
     return nll, cnt, plain, lines
 
 
@@ -391,7 +392,8 @@ def test_ttt_scores_each_chunk_before_stepping_on_it(tiny_env, monkeypatch, ttt_
         pos += 1  # the "opt" event
         fwds = [events[pos + 2 * k][1] for k in range((len(b) + 1) // 2)]
         pos += len(b)
-        rows = [by_tag[int(x)] for x in fwds[0][0][:, 1]]  # chunk 0 windows start at the document's BOS
+        # chunk 0 windows start at the document's BOS; empty documents pad the last batch (no tag)
+        rows = [by_tag[int(x)] for x in fwds[0][0][:, 1] if int(x) in by_tag]
         assert len(set(rows)) == len(rows)
         assert len(fwds) == math.ceil(max(e - s for s, e in rows) / C)
         for k, (x, loss) in enumerate(fwds):
@@ -476,3 +478,53 @@ def test_ttt_time_guard_quiet_when_nothing_is_left(tiny_env, monkeypatch, ttt_do
     nll, cnt, plain, lines = _ttt(model, val, h, deadline=time.time() - 1)
     assert (cnt == 1).all() and plain == 0
     assert not any("ttt_time_guard" in l for l in lines), lines
+
+
+def test_ttt_compiled_matches_eager_with_few_graphs(tiny_env, monkeypatch, ttt_docs):
+    """score_ttt through a compiled model: the same scores as eager, one graph per window shape (batches padded
+    to TTT_BATCH_DOCS, windows to a multiple of TTT_CHUNK), and a second pass compiles nothing new."""
+    h = _h(monkeypatch, TTT_LR=BIG_LR, TTT_BATCH_DOCS=3)
+    model = _model(h)
+    val = _val(ttt_docs)
+    eager, _, _, _ = _ttt(model, val, h)
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="aot_eager", dynamic=False)
+    nll, cnt, _ = tg.score_ttt(model, val, h, fwd=cm)
+    assert (cnt == 1).all()
+    torch.testing.assert_close(nll, eager, rtol=1e-4, atol=1e-4)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs <= max(h.eval_seq_len, C) // C + 1, graphs
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tg.score_ttt(model, val, h, fwd=cm)
+    _no_adapters(model)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("spare", [3, 10, 25])
+def test_ttt_guard_ends_within_the_deadline(tiny_env, monkeypatch, ttt_docs, spare):
+    """On a model clock where a model call takes 1 s, an adapter step 2 s and nothing else any time, with a bound
+    `spare` seconds more than plain scoring needs: TTT adapts as long as plain scoring of the rest still fits,
+    then stops, and ends by the deadline without having stopped earlier than it had to."""
+    h = _h(monkeypatch, TTT_LR=BIG_LR, TTT_BATCH_DOCS=2)
+    model = _model(h)
+    val = _val(ttt_docs)
+    calls = sum(-(-max(lens) // C) for _, lens in tg.ttt_batches(val, h))
+    clock = [1000.0]
+
+    def fwd(*a, **k):
+        clock[0] += 1.0
+        return model(*a, **k)
+
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        clock[0] += 2.0
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(tg, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    lines = []
+    deadline = 1000.0 + calls + spare
+    nll, cnt, (frozen, plain) = tg.score_ttt(model, val, h, deadline=deadline, log=lines.append, fwd=fwd)
+    assert (cnt == 1).all() and len(lines) == 1 and frozen + plain > 0
+    assert deadline - 3 < clock[0] <= deadline  # an adapting chunk costs 3 s: at most that much is left over

@@ -68,7 +68,7 @@ def test_quantize_codes_scales_and_error_bound(bits):
     assert (err[unclipped] <= bound[unclipped]).all()
 
     # clip 1.0 alone: every row unclipped (fp16 rounding of the scale stays well under half a step at <= 8 bits)
-    q1, s1 = tg.quantize(w, bits, clips=(1.0,))
+    q1, s1 = tg.quantize(w, bits, tg.row_scales(w, bits, clips=(1.0,)))
     err1 = (q1.float() * s1.float() - w).abs()
     assert (err1 <= s1.float() / 2 + 1e-6 * w.abs()).all()
     # the clip search never does worse than clip 1.0, row by row, and it does help on outlier rows at low bits
@@ -149,7 +149,9 @@ def test_pack_prune_zeroes_small_codes(tiny_env):
 # ----------------------------------------------------------------------------- 11. fit_budget
 
 def _bits_line(lines):
-    assert len(lines) == 1 and lines[0].startswith("quant_bits "), lines
+    # a width below QUANT_BITS, or pruning, adds one quant_mismatch line
+    assert lines[0].startswith("quant_bits ") and all(l.startswith("quant_mismatch: ") for l in lines[1:]), lines
+    assert len(lines) <= 2, lines
     f = dict(re.findall(r"(\w+):(\d+)", lines[0]))
     assert f.keys() == set(tg.QUANT_GROUPS) | {"prune"}, lines
     return {g: int(f[g]) for g in tg.QUANT_GROUPS}, int(f["prune"])
@@ -219,10 +221,35 @@ def test_over_budget_fails_but_keeps_artifact_and_log(base_env, tmp_path):
     assert m and int(m.group(1)) == total
     assert os.path.getsize(r.artifact) == int(m.group(3)) and int(m.group(2)) == os.path.getsize(SCRIPT)
     assert re.search(r"^quant_bits attn:4 bigram:4 embed:6 mlp:4 trn_ctrl:6 trn_in:4 trn_out:4 prune:2$", r.log, re.M)
+    assert re.search(r"^quant_mismatch: the budget fit moved off the grid QAT trained \(attn:6->4 .*prune:2\)", r.log, re.M)
     assert "final_int5_zstd_roundtrip_exact " in r.log  # still scored, for the record
     meta = json.load(open(tmp_path / "logs" / "big.submission.json"))
     assert meta["within_budget"] is False and meta["bytes_total"] == total
     tg.unpack(open(r.artifact, "rb").read())
+
+
+ALL_INT5 = "embed:5,bigram:5,attn:5,mlp:5,trn_in:5,trn_out:5,trn_ctrl:5"
+
+
+@pytest.mark.parametrize("bits", [None, ALL_INT5])
+def test_qat_forward_predicts_the_roundtrip_score(base_env, tmp_path, bits):
+    """QAT trains the exported grid: the fake-quantized forward of the weights about to be exported scores what
+    the reloaded artifact scores (within 0.001 bpb), at the default widths and with every group at int5."""
+    over = dict(QUANT_BITS=bits) if bits else {}
+    r = _run(base_env, tmp_path, "qf", ITERATIONS="8", QAT_START_FRAC="0.25", QAT_REFRESH_EVERY="3", **QUIET, **over)
+    assert r.returncode == 0, r.explain
+    lines = r.log.splitlines()
+    order = [next(i for i, l in enumerate(lines) if l.startswith(p)) for p in
+             ("final_prequant ", "final_qat_forward ", "Total submission size", "final_int5_zstd_roundtrip ")]
+    assert order == sorted(order)
+    bpb = {p: float(re.search(rf"^{p} val_loss:\S+ val_bpb:(\S+)", r.log, re.M).group(1))
+           for p in ("final_prequant", "final_qat_forward", "final_int5_zstd_roundtrip_exact")}
+    assert abs(bpb["final_qat_forward"] - bpb["final_int5_zstd_roundtrip_exact"]) <= 0.001, bpb
+    # on CPU (fp32) the two are the same weights: equal up to the log's 4 decimals
+    assert abs(bpb["final_qat_forward"] - bpb["final_int5_zstd_roundtrip_exact"]) <= 1e-4, bpb
+    assert "quant_mismatch" not in r.log
+    if bits:  # at int5 quantization visibly moves the score, so the match above is not vacuous
+        assert abs(bpb["final_prequant"] - bpb["final_int5_zstd_roundtrip_exact"]) > 0.001, bpb
 
 
 def test_export_uses_ema_weights(base_env, tmp_path, tiny_env):

@@ -425,7 +425,8 @@ def test_resume_is_bit_identical(ckrun, base_env, k):
     assert r.rc == 0, r.explain()
     assert f"resumed_from:{src} step:{k}" in r.log
     if k == 4:
-        assert "qat:on step:4" in r.log and not re.search(r"^ema_start", r.log, re.M)
+        # QAT (its switch and its scales) is training state: restored, not switched on again
+        assert "qat:on" not in r.log and not re.search(r"^ema_start", r.log, re.M)
     want = {s: v for s, v in train_losses(ckrun.log).items() if s > k}
     assert train_losses(r.log) == want
     for prefix in ("step:6/6 val_loss:", "final_prequant ", "final_int5_zstd_roundtrip_exact "):
@@ -654,3 +655,57 @@ def test_stale_checkpoint_dir_refused_before_anything_is_written(tiny_env, monke
     with pytest.raises(tg.UserError, match="holds another run's checkpoints"):
         tg.train_and_evaluate(tg.Hyperparameters())
     assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(ckdir) == ["step_0000100.pt"]
+
+
+def test_cuda_oom_in_warmup_halves_the_micro_batch(tiny_env, monkeypatch, tmp_path):
+    """A simulated CUDA out-of-memory error for micro-batches over 2 sequences: the warmup halves MICRO_BATCH_SEQS
+    (8 -> 4 -> 2), logs it, rolls back, and the run trains exactly as a run configured with 2 from the start."""
+    real = tg.GPT.forward
+
+    def forward(self, x, y, reduction="mean"):
+        if torch.is_grad_enabled() and x.size(0) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x, y, reduction)
+
+    def run(rid, **env):
+        for k, v in dict(RUN_ID=rid, TTT_ENABLED="0", EVAL_STRIDE="0", WARMUP_STEPS="2", **env).items():
+            monkeypatch.setenv(k, v)
+        assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
+        return open(tmp_path / "logs" / f"{rid}.txt").read()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tg.GPT, "forward", forward)
+    log = run("oom")
+    assert re.findall(r"^micro_batch_seqs:(\d+) ", log, re.M) == ["4", "2"]
+    monkeypatch.setattr(tg.GPT, "forward", real)
+    ref = run("ref", MICRO_BATCH_SEQS="2")
+    assert train_losses(log) == train_losses(ref) and len(train_losses(ref)) == int(TINY["ITERATIONS"])
+    def no_memory(self, x, y, reduction="mean"):
+        if torch.is_grad_enabled():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x, y, reduction)
+
+    monkeypatch.setattr(tg.GPT, "forward", no_memory)
+    with pytest.raises(tg.UserError, match="one sequence of TRAIN_SEQ_LEN=64 does not fit in GPU memory"):
+        run("none")
+
+
+def test_eval_max_seconds_bounds_the_whole_evaluation(base_env, tmp_path):
+    """A bound too short for sliding + TTT: the flat roundtrip still runs, the sliding pass is skipped (it would
+    leave TTT no time to score plainly), TTT stops adapting at once and scores the rest frozen or plain, and
+    every target is still scored exactly once."""
+    bound = 1.0
+    r = launch(base_env, tmp_path, "bound", EVAL_MAX_SECONDS=str(bound), TTT_BATCH_DOCS="2")
+    assert r.rc == 0, r.explain()
+    assert re.search(r"^final_sliding_window skipped: it needs about \S+s \(\+\S+s kept for TTT\)", r.log, re.M)
+    assert "ttt_time_guard: EVAL_MAX_SECONDS would be exceeded" in r.log
+    ttt = fields(one_line(r.log, "final_ttt "))
+    n = int(fields(one_line(r.log, "final_int5_zstd_roundtrip "))["val_tokens"])
+    assert int(ttt["val_tokens"]) == n  # checked exactly once by finish()
+    frozen, plain = int(ttt["ttt_frozen_tokens"]), int(ttt["ttt_plain_tokens"])
+    assert frozen > 0 and plain > 0 and frozen + plain < n
+    meta = json.load(open(r.path("logs", "bound.submission.json")))
+    assert meta["val_bpb_mode"] == "roundtrip_ttt" and "roundtrip_sliding_val_bpb" not in meta
+    assert (meta["ttt_frozen_tokens"], meta["ttt_plain_tokens"]) == (frozen, plain)
+    # (here the bound is below what even plain scoring needs; test_ttt_guard_ends_within_the_deadline checks
+    # on a model clock that a feasible bound is kept)
