@@ -1258,15 +1258,28 @@ class Trainer:
         return True
 
 
+def queue_flags(flags, distributed):
+    """All-reduce a step's flags (max over ranks) and queue their copy to the host, without waiting for the GPU:
+    (host tensor, event to wait for)."""
+    if distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()  # on CUDA the stream waits, not the host
+    if not flags.is_cuda:
+        return flags, None
+    host, done = torch.empty(flags.shape, pin_memory=True), torch.cuda.Event()
+    host.copy_(flags, non_blocking=True)
+    done.record()
+    return host, done
+
+
 def read_flags(pending, keep):
     """Wait for and read the queued steps' flags, all but the newest `keep`: (clock, signalled, first non-finite
     step or 0), or None when nothing was read."""
     got = None
     while len(pending) > keep:
-        flags, work = pending.pop(0)
-        if work is not None:
-            work.wait()
-        clock, signalled, bad, step = flags.tolist()
+        host, done = pending.pop(0)
+        if done is not None:
+            done.synchronize()
+        clock, signalled, bad, step = host.tolist()
         got = (clock, signalled, got[2] if got and got[2] else int(step) * (bad > 0))
     return got
 
@@ -1302,7 +1315,7 @@ def train(h, tr):
             tr.update_ema()
         flags = torch.stack((loss.new_tensor(tr.elapsed()), loss.new_tensor(float(bool(got_signal))),
                              (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float(), loss.new_tensor(tr.step)))
-        pending.append((flags, dist.all_reduce(flags, dist.ReduceOp.MAX, async_op=True) if run.distributed else None))
+        pending.append(queue_flags(flags, run.distributed))
         logged = tr.step % h.train_log_every == 0 or tr.step <= 10
         ckpt_due = h.checkpoint_every and tr.step % h.checkpoint_every == 0
         got = read_flags(pending, 0 if logged or ckpt_due or tr.step >= h.iterations else 1)
