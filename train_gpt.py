@@ -337,11 +337,11 @@ def rms_norm(x):
 
 class _Scan(torch.autograd.Function):
     """h_t = a_t * h_{t-1} + b_t along dim 1. Saves only a and h: the gradient w.r.t. b is the same
-    recurrence run backwards in time, so no doubling level is kept for autograd."""
+    recurrence run backwards in time, so no intermediate is kept for autograd."""
 
     @staticmethod
     def forward(ctx, a, b):
-        h = _ks(a, b, reverse=False)
+        h = _blocked_scan(a, b, reverse=False)
         ctx.save_for_backward(a, h)
         return h
 
@@ -349,14 +349,13 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, g):
         a, h = ctx.saved_tensors
         a_next = torch.cat((a[:, 1:], torch.zeros_like(a[:, :1])), 1)
-        gb = _ks(a_next, g.contiguous(), reverse=True)
+        gb = _blocked_scan(a_next, g.contiguous(), reverse=True)
         h_prev = torch.cat((torch.zeros_like(h[:, :1]), h[:, :-1]), 1)
         return (gb * h_prev).sum_to_size(a.shape), gb
 
 
-def _ks(a, b, reverse):
-    """Kogge-Stone inclusive scan of the affine maps (a_t, b_t) in ceil(log2 T) doubling steps, in place
-    on fresh copies. `a` may broadcast over b's trailing dims (real and imaginary parts share it)."""
+def _kogge_stone(a, b, reverse):
+    """Inclusive scan of the affine maps (a_t, b_t) in ceil(log2 T) doubling steps, in place on fresh copies."""
     a, b = a.clone(), b.clone()
     T, d = b.size(1), 1
     while d < T:
@@ -366,6 +365,29 @@ def _ks(a, b, reverse):
             a[:, dst] = a[:, dst] * a[:, src]
         d *= 2
     return b
+
+
+def _blocked_scan(a, b, reverse, C=16):
+    """The scan in blocks of C steps: (1) each block's end state from zero and its decay product, by an unrolled
+    loop of elementwise steps over (batch, block, channel); (2) Kogge-Stone over the T/C blocks for the state
+    entering each block; (3) each block rerun from that state, writing h. Memory traffic is about three passes
+    instead of one per doubling level (10 at T=1024), and torch.compile fuses each unrolled loop into one kernel.
+    Measured at B=4, T=1024, K=256 on CPU: see the README's benchmark table."""
+    B, T = b.shape[:2]
+    C, nb = min(C, T), -(-T // min(C, T))
+    if nb * C != T:  # zero padding at the end is inert both ways (a = b = 0)
+        a, b = (torch.cat((x, x.new_zeros(B, nb * C - T, *x.shape[2:])), 1) for x in (a, b))
+    a, b = a.unflatten(1, (nb, C)), b.unflatten(1, (nb, C))
+    steps = range(C - 1, -1, -1) if reverse else range(C)
+    s, p = b[:, :, steps[0]], a[:, :, steps[0]]
+    for i in steps[1:]:
+        s, p = b[:, :, i] + a[:, :, i] * s, a[:, :, i] * p
+    s, z = _kogge_stone(p, s, reverse), torch.zeros_like(s[:, :1])
+    c = torch.cat((s[:, 1:], z), 1) if reverse else torch.cat((z, s[:, :-1]), 1)
+    hs = [None] * C
+    for i in steps:
+        hs[i] = c = b[:, :, i] + a[:, :, i] * c
+    return torch.stack(hs, 2).flatten(1, 2)[:, :T]
 
 
 def kogge_stone_scan(a: Tensor, b: Tensor) -> Tensor:
