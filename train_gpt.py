@@ -527,11 +527,11 @@ class TRN(nn.Module):
         amp, gate = self.inp(x).float().unflatten(-1, (2, self.K)).unbind(-2)
         a = torch.sigmoid(d + self.decay_logit)
         theta = (w + self.log_freq.exp()) * logpos + p
-        rot = torch.stack((theta.cos(), theta.sin()), -1)
+        rot = torch.stack((theta.cos(), theta.sin()), -2)  # (B, T, 2, K): K innermost, so the scan vectorizes
         # a document start drops the old state and enters like a sequence start: r = (1 - a) A exp(j theta)
-        r = kogge_stone_scan((a * keep).unsqueeze(-1), ((1 - a) * amp).unsqueeze(-1) * rot)
-        c, s = rot.unbind(-1)
-        re, im = r.unbind(-1)
+        r = kogge_stone_scan((a * keep).unsqueeze(-2), ((1 - a) * amp).unsqueeze(-2) * rot)
+        c, s = rot.unbind(-2)
+        re, im = r.unbind(-2)
         y = torch.stack((re * c + im * s, im * c - re * s), -1) * F.silu(gate).unsqueeze(-1)
         return self.out(y.flatten(-2).to(x.dtype))
 

@@ -85,8 +85,8 @@ def _naive_ks_real(a, b):
 def scan_naive_ks(a, b):
     """Kogge-Stone as a published hybrid wrote it: real and imaginary parts as two separate passes, each
     recomputing the decay products, plain autograd through every level."""
-    a = a[..., 0]
-    return torch.stack((_naive_ks_real(a, b[..., 0]), _naive_ks_real(a, b[..., 1])), -1)
+    a = a[:, :, 0]  # the model's layout: a (B, T, 1, K), b (B, T, 2, K)
+    return torch.stack((_naive_ks_real(a, b[:, :, 0]), _naive_ks_real(a, b[:, :, 1])), 2)
 
 
 class _DoublingScan(torch.autograd.Function):
@@ -139,9 +139,10 @@ def saved_mib(fn, *args):
 def bench_scan(B, T, K, reps, seq_reps, compile_):
     torch.manual_seed(0)
     tau = torch.logspace(math.log10(2), math.log10(max(T, 4)), K, device=DEV)  # TRN's decay range
-    a = torch.sigmoid(torch.log(tau - 1) + 0.5 * torch.randn(B, T, K, device=DEV)).unsqueeze(-1).requires_grad_()
-    b = torch.randn(B, T, K, 2, device=DEV, requires_grad=True)
-    g = torch.randn(B, T, K, 2, device=DEV)
+    # the layout TRN.forward uses: real and imaginary planes, K innermost
+    a = torch.sigmoid(torch.log(tau - 1) + 0.5 * torch.randn(B, T, K, device=DEV)).unsqueeze(2).requires_grad_()
+    b = torch.randn(B, T, 2, K, device=DEV, requires_grad=True)
+    g = torch.randn(B, T, 2, K, device=DEV)
     NAIVE, OURS = "seed-style Kogge-Stone (bench reference)", "ours (`kogge_stone_scan`), eager"
     impls = {"sequential loop": scan_sequential, NAIVE: scan_naive_ks,
              "previous doubling scan (before the blocked one), eager": scan_doubling, OURS: tg.kogge_stone_scan}
@@ -301,9 +302,9 @@ def bench_optimizer(h, reps):
     for p in mats:
         p.grad = torch.randn_like(p)
     rows = []
-    for name, cls in (("torch.optim.Muon", torch.optim.Muon), ("train_gpt.Muon", tg.Muon)):
-        opt = cls(mats, lr=0.02, momentum=0.95, weight_decay=0.04, ns_steps=h.muon_backend_steps,
-                  adjust_lr_fn="original")
+    for name, cls, extra in (("torch.optim.Muon", torch.optim.Muon, dict(adjust_lr_fn="original")),
+                             ("train_gpt.Muon", tg.Muon, {})):
+        opt = cls(mats, lr=0.02, momentum=0.95, weight_decay=0.04, ns_steps=h.muon_backend_steps, **extra)
         ms, _ = timed(opt.step, reps=reps, warmup=1)
         rows.append([name, f"{ms:.2f}"])
     shapes = len({tuple(p.shape) for p in mats})
