@@ -67,8 +67,7 @@ SYSTEM_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "MASTER_",
 
 
 def refuse_typos():
-    """nanoGPT refuses unknown config keys. Here a variable that is not a setting would be ignored (ITERATION=100
-    trains 20,000 steps), so one that closely resembles a setting stops the run; system variables never do."""
+    """A variable that closely resembles a setting (ITERATION for ITERATIONS) stops the run: it would be ignored."""
     for name in sorted(os.environ):
         if name in SETTINGS or name.startswith(SYSTEM_PREFIXES):
             continue
@@ -179,25 +178,22 @@ class Hyperparameters:
         return bits
 
     def _check(self):
-        e = self
-        if e.model_dim % e.num_heads or (e.model_dim // e.num_heads) % 2:
-            raise UserError(f"MODEL_DIM={e.model_dim} must be divisible by NUM_HEADS={e.num_heads} into an even head size")
-        if e.num_heads % e.num_kv_heads:
-            raise UserError(f"NUM_HEADS={e.num_heads} must be divisible by NUM_KV_HEADS={e.num_kv_heads}")
-        bad = [p for p in e.attn_positions if not 0 <= p < e.num_layers]
-        if bad:
-            raise UserError(f"ATTN_POSITIONS index {bad[0]} is out of range for NUM_LAYERS={e.num_layers}")
-        if e.train_batch_tokens % e.train_seq_len:
-            raise UserError(f"TRAIN_BATCH_TOKENS={e.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={e.train_seq_len}")
-        if e.bos_id >= e.vocab_size:
-            raise UserError(f"BOS_ID={e.bos_id} must be < VOCAB_SIZE={e.vocab_size}")
-        if e.eval_stride > e.eval_seq_len:
-            raise UserError(f"EVAL_STRIDE={e.eval_stride} must be <= EVAL_SEQ_LEN={e.eval_seq_len}")
-        if e.resume_from == "latest" and not (e.run_id or e.checkpoint_dir):
-            raise UserError("RESUME_FROM=latest needs the RUN_ID (or CHECKPOINT_DIR) of the run to resume")
-        bad = set(e.ttt_targets) - {"head", *QUANT_GROUPS}
-        if bad:
-            raise UserError(f"TTT_TARGETS has unknown {','.join(sorted(bad))}; choose from head,{','.join(QUANT_GROUPS)}")
+        e, pos = self, [p for p in self.attn_positions if not 0 <= p < self.num_layers] + [None]
+        ttt = ",".join(sorted(set(self.ttt_targets) - {"head", *QUANT_GROUPS}))
+        for broken, msg in (  # (condition, the line that says what to fix)
+                (e.model_dim % e.num_heads or (e.model_dim // e.num_heads) % 2,
+                 f"MODEL_DIM={e.model_dim} must be divisible by NUM_HEADS={e.num_heads} into an even head size"),
+                (e.num_heads % e.num_kv_heads, f"NUM_HEADS={e.num_heads} must be divisible by NUM_KV_HEADS={e.num_kv_heads}"),
+                (pos[0] is not None, f"ATTN_POSITIONS index {pos[0]} is out of range for NUM_LAYERS={e.num_layers}"),
+                (e.train_batch_tokens % e.train_seq_len,
+                 f"TRAIN_BATCH_TOKENS={e.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={e.train_seq_len}"),
+                (e.bos_id >= e.vocab_size, f"BOS_ID={e.bos_id} must be < VOCAB_SIZE={e.vocab_size}"),
+                (e.eval_stride > e.eval_seq_len, f"EVAL_STRIDE={e.eval_stride} must be <= EVAL_SEQ_LEN={e.eval_seq_len}"),
+                (e.resume_from == "latest" and not (e.run_id or e.checkpoint_dir),
+                 "RESUME_FROM=latest needs the RUN_ID (or CHECKPOINT_DIR) of the run to resume"),
+                (ttt, f"TTT_TARGETS has unknown {ttt}; choose from head,{','.join(QUANT_GROUPS)}")):
+            if broken:
+                raise UserError(msg)
 
     @property
     def attn_layers(self):
@@ -336,8 +332,7 @@ def rms_norm(x):
 
 
 class _Scan(torch.autograd.Function):
-    """h_t = a_t * h_{t-1} + b_t along dim 1. Saves only a and h: the gradient w.r.t. b is the same
-    recurrence run backwards in time, so no intermediate is kept for autograd."""
+    """h_t = a_t h_{t-1} + b_t along dim 1; saves a and h: the b-gradient is the same scan backwards in time."""
 
     @staticmethod
     def forward(ctx, a, b):
@@ -368,11 +363,9 @@ def _kogge_stone(a, b, reverse):
 
 
 def _blocked_scan(a, b, reverse, C=16):
-    """The scan in blocks of C steps: (1) each block's end state from zero and its decay product, by an unrolled
-    loop of elementwise steps over (batch, block, channel); (2) Kogge-Stone over the T/C blocks for the state
-    entering each block; (3) each block rerun from that state, writing h. Memory traffic is about three passes
-    instead of one per doubling level (10 at T=1024), and torch.compile fuses each unrolled loop into one kernel.
-    Measured at B=4, T=1024, K=256 on CPU: see the README's benchmark table."""
+    """Blocks of C steps: each block's end state from zero and decay product (an unrolled elementwise loop),
+    Kogge-Stone over the blocks for the state entering each, then each block rerun from it. About three memory
+    passes instead of one per doubling level: 3.1x faster eager, 6x compiled (CPU, one thread, B=4 T=1024 K=256)."""
     B, T = b.shape[:2]
     C, nb = min(C, T), -(-T // min(C, T))
     if nb * C != T:  # zero padding at the end is inert both ways (a = b = 0)
@@ -391,8 +384,7 @@ def _blocked_scan(a, b, reverse, C=16):
 
 
 def kogge_stone_scan(a: Tensor, b: Tensor) -> Tensor:
-    """h with h_t = a_t * h_{t-1} + b_t along dim 1 (h_{-1} = 0); a has b's shape or broadcasts over its
-    trailing dims."""
+    """h_t = a_t * h_{t-1} + b_t along dim 1 (h_{-1} = 0); a has b's shape or broadcasts over it."""
     return _Scan.apply(a, b)
 
 
@@ -406,25 +398,33 @@ def fake_quant(w, scale, bits):
     return quant_codes(w, scale, bits) * scale
 
 
+def clip_scale(w, clip, bits):
+    """Per-row scales (fp16 values, never 0 or inf) that put `clip` of each row's largest |w| at the top code."""
+    amax = w.detach().abs().amax(1, keepdim=True)
+    return (amax * clip / (2 ** (bits - 1) - 1)).clamp(2 ** -24, 65504.0).half().float()
+
+
 def lora(x, y, ab):
     return y if ab is None else y + (x @ ab[0].to(x.dtype)) @ ab[1].to(x.dtype)
 
 
 class FakeQuant:
-    """A module whose `weight` the export quantizes, in quantization group `group`. With QAT on, `qweight()` is
-    exactly the weight the artifact dequantizes to (straight-through gradient): per-row scales `qscale`, set by
-    the exporter's own clip rule (refresh_qscales) and reused by the export. `qat` and `qscale` are buffers, so
-    switching QAT on and refreshing the scales never recompile. `qbits` (0: off) is set per model."""
+    """A `weight` the export quantizes (group `group`, `qbits` set per model). With QAT on, `qweight()` is exactly
+    what the artifact dequantizes to (straight-through): scales from the current weight and the clip fractions
+    `qclip` the exporter's rule sets and the export reuses (fixed scales let weights drift past a stale grid:
+    3.68 bpb exported instead of 3.00 on a 30-step run). Buffers, so QAT and refreshes never recompile."""
     qbits = 0
 
     def init_quant(self, group):
         self.group = group
         self.register_buffer("qat", torch.zeros(()), persistent=False)
-        self.register_buffer("qscale", torch.ones(self.weight.size(0), 1), persistent=False)
+        self.register_buffer("qclip", torch.ones(self.weight.size(0), 1), persistent=False)
 
     def qweight(self):
         w = self.weight
-        return w + self.qat * (fake_quant(w, self.qscale, self.qbits) - w).detach() if self.qbits else w
+        if not self.qbits:
+            return w
+        return w + self.qat * (fake_quant(w, clip_scale(w, self.qclip, self.qbits), self.qbits) - w).detach()
 
 
 class CastedLinear(FakeQuant, nn.Linear):
@@ -499,9 +499,8 @@ class Attention(nn.Module):
 
 class TRN(nn.Module):
     """K complex oscillators: r_t = a_t r_{t-1} + (1 - a_t) A_t exp(j theta_t), theta_t = w_t log(1+t) + p_t,
-    output = gate * (r_t exp(-j theta_t)) mapped back to the model width. The control matmul runs in the autocast
-    dtype (bf16 with fp32 accumulation: in fp32 it cost more than all other matmuls together); the sigmoid,
-    theta, cos and sin run in fp32."""
+    output = gate * (r_t exp(-j theta_t)) to model width. The control matmul is bf16 under autocast (in fp32 it
+    cost more than all other matmuls together); sigmoid, theta, cos and sin are fp32."""
 
     def __init__(self, h):
         super().__init__()
@@ -511,8 +510,7 @@ class TRN(nn.Module):
         self.inp = CastedLinear(D, 2 * K, "trn_in")  # amplitude, output gate
         self.out = CastedLinear(2 * K, D, "trn_out", zero=True)
         nn.init.normal_(self.ctrl.weight, std=0.1 / math.sqrt(D))
-        # time constants 2..T tokens (decay = 1 - 1/tau) and base frequencies over two decades, both stored as
-        # logs so that an Adam step (about the learning rate) is a relative change and cannot erase the spectrum
+        # time constants 2..T tokens, frequencies over two decades, as logs: an Adam step is a relative change
         tau = torch.logspace(math.log10(2), math.log10(max(h.train_seq_len, 4)), K)
         self.decay_logit = nn.Parameter(torch.log(tau - 1))
         self.log_freq = nn.Parameter(torch.linspace(-1.5, 0.5, K) * math.log(10))
@@ -633,10 +631,7 @@ def param_groups(model):
 # ----------------------------------------------------------------------------- optimizers
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (torch 2.13: nesterov momentum as lerps, bf16 quintic Newton-Schulz, decoupled
-    weight decay, adjust_lr_fn="original"), bit-identical on CPU, but launch-light: one batched Newton-Schulz
-    chain per matrix shape, not one per matrix (dispatched ops per step for the default model: 160, not 1466),
-    and under torchrun each rank orthogonalises its share of each shape and all-gathers the rest."""
+    """torch.optim.Muon's update, bit-identical on CPU, batched per shape and shared over ranks (160 ops, not 1466)."""
 
     def __init__(self, params, lr, momentum, weight_decay, ns_steps):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
@@ -699,8 +694,7 @@ def make_optimizers(model, h):
 
 
 def lr_scale(h, step, elapsed_ms):
-    """1 until the last warmdown stretch, then linear to 0. With a wallclock cap the stretch is the last
-    WARMDOWN_FRAC of the time, so a slow GPU never starts decaying early; the step cap uses WARMDOWN_ITERS."""
+    """1, then linear to 0 over the last WARMDOWN_ITERS steps or the last WARMDOWN_FRAC of the wallclock."""
     s = 1.0
     if h.warmdown_iters:
         s = min(s, (h.iterations - step) / h.warmdown_iters)
@@ -723,34 +717,33 @@ def quant_groups(model):
     return {name + ".weight": m.group for name, m in model.named_modules() if isinstance(m, FakeQuant)}
 
 
-def row_scales(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
-    """Per-row symmetric scales (fp16 values), each row's clip chosen to minimise its squared error."""
+def row_clips(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
+    """Each row's clip fraction (of its largest |w|), chosen from `clips` to minimise its squared error."""
     w = w.float()
-    amax = w.abs().amax(1, keepdim=True)
-    best_err, best_s = None, None
+    best_err, best_c = None, None
     for c in clips:
-        s = (amax * c / (2 ** (bits - 1) - 1)).clamp(2 ** -24, 65504.0).half().float()  # fp16 range: never 0 or inf
-        err = (fake_quant(w, s, bits) - w).square().sum(1, keepdim=True)
+        err = (fake_quant(w, clip_scale(w, c, bits), bits) - w).square().sum(1, keepdim=True)
         if best_err is None:
-            best_err, best_s = err, s
+            best_err, best_c = err, torch.full_like(err, c)
         else:
-            better = err < best_err
-            best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
-    return best_s
+            best_c = torch.where(err < best_err, c, best_c)
+            best_err = torch.minimum(err, best_err)
+    return best_c
 
 
-def quantize(w, bits, scale=None):
-    """Codes (int8 storage) and fp16 row scales; `scale` (the ones QAT trained with) or chosen by row_scales."""
-    scale = row_scales(w, bits) if scale is None else scale.float()
-    return quant_codes(w.float(), scale, bits).to(torch.int8), scale.half()
+def quantize(w, bits, clip=None):
+    """Codes (int8 storage) and fp16 row scales; `clip`: the clip fractions QAT trained with, else row_clips."""
+    w = w.float()
+    scale = clip_scale(w, row_clips(w, bits) if clip is None else clip.float(), bits)
+    return quant_codes(w, scale, bits).to(torch.int8), scale.half()
 
 
 @torch.no_grad()
-def refresh_qscales(model):
-    """Set every fake-quantized weight's scales by the exporter's rule: QAT trains the grid that ships."""
+def refresh_qclips(model):
+    """Set every fake-quantized weight's clip fractions by the exporter's rule: QAT trains the grid that ships."""
     for m in model.modules():
         if isinstance(m, FakeQuant) and m.qbits:
-            m.qscale.copy_(row_scales(m.weight, m.qbits))
+            m.qclip.copy_(row_clips(m.weight, m.qbits))
 
 
 def code_entropy_bytes(q):
@@ -767,14 +760,13 @@ def zstd():
     return zstandard
 
 
-def pack(state, qgroups, bits, arch, prune=0, scales={}):
-    """Self-describing blob: arch settings, integer codes one per byte, fp16 row scales (from `scales` where
-    given), float tensors."""
+def pack(state, qgroups, bits, arch, prune=0, clips={}):
+    """Self-describing blob: arch, integer codes one per byte, fp16 row scales (by `clips`), float tensors."""
     tensors = {}
     for name, t in state.items():
         t = t.detach().cpu()
         if name in qgroups:
-            q, s = quantize(t, bits[qgroups[name]], scales.get(name))
+            q, s = quantize(t, bits[qgroups[name]], clips.get(name))
             if prune:
                 q = torch.where(q.abs() <= prune, torch.zeros_like(q), q)
             tensors[name] = {"q": q.contiguous(), "s": s.contiguous()}
@@ -792,13 +784,11 @@ def unpack(blob):
     return obj["arch"], obj["bits"], state
 
 
-def fit_budget(state, qgroups, h, code_bytes, log, scales={}):
-    """Choose per-group bit widths (from QUANT_BITS down to 4, 6 for embed and trn_ctrl), then light pruning of
-    the smallest codes, so that code + compressed blob fits BUDGET_BYTES. Sizes are estimated from code entropy,
-    calibrated on real zstd output; each dropped bit is the one costing the least relative reconstruction error
-    per byte saved. A group kept at its QUANT_BITS width is stored with the `scales` QAT trained with."""
+def fit_budget(state, qgroups, h, code_bytes, log, clips={}):
+    """Per-group widths (QUANT_BITS down to 4; 6 for embed and trn_ctrl), then light pruning, so code + blob fits
+    BUDGET_BYTES: each dropped bit costs least error per byte saved; kept widths store the `clips` QAT trained."""
     bits, prune, calib = dict(h.quant_bits), 0, 1.0
-    trained = lambda g, b: {n: scales[n] for n in scales if qgroups[n] == g and b == h.quant_bits[g]}
+    trained = lambda g, b: {n: clips[n] for n in clips if qgroups[n] == g and b == h.quant_bits[g]}
     # the head and the frequencies stay fine
     floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}
     names = {g: [n for n in qgroups if qgroups[n] == g] for g in sorted(set(qgroups.values()))}
@@ -851,9 +841,8 @@ def autocast(device):
 
 
 def eval_windows(n_targets, seq_len, stride):
-    """Windows (start, first scored offset) over targets 0..n-1: each scores the targets the previous one did
-    not, so every target is scored exactly once, with at least seq_len - stride tokens of context after the
-    first window; the last window ends exactly at the last target."""
+    """Windows (start, first scored offset): each target scored exactly once, with >= seq_len - stride tokens
+    of context after the first window; the last window ends at the last target."""
     L = min(seq_len, n_targets)
     ends = np.append(np.arange(L, n_targets, stride), n_targets)
     starts = ends - L
@@ -898,8 +887,7 @@ def finish(nll, cnt, tbytes):
 
 
 def doc_spans(val, bos_id):
-    """Target ranges [s, e) of the documents: a document's inputs are val[s:e], its targets val[s+1:e+1]
-    (the last one is the next document's BOS, which the flat evaluation scores too)."""
+    """Target ranges [s, e) of the documents (the last target is the next BOS, as flat scoring has it)."""
     n = val.numel() - 1
     starts = torch.nonzero(val[:n] == bos_id).flatten().tolist()
     if not starts or starts[0] != 0:
@@ -908,23 +896,18 @@ def doc_spans(val, bos_id):
 
 
 def ttt_batches(val, h, rank=0, world_size=1):
-    """This rank's TTT documents, longest first, in batches padded to TTT_BATCH_DOCS with empty documents:
-    [(starts, lengths)]. A batch takes ceil(longest / TTT_CHUNK) model calls."""
+    """This rank's TTT documents, longest first, in batches padded with empty documents: [(starts, lengths)]."""
     docs, nb = sorted(doc_spans(val, h.bos_id)[rank::world_size], key=lambda se: se[0] - se[1]), h.ttt_batch_docs
     docs += [(0, 0)] * (-len(docs) % nb)
     return [([s for s, _ in docs[i:i + nb]], [e - s for s, e in docs[i:i + nb]]) for i in range(0, len(docs), nb)]
 
 
 def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print, fwd=None):
-    """Legal score-first LoRA TTT. Documents go in batches, each document with its own adapters, fresh per
-    document. Chunk by chunk: score the chunk with the current adapters, then take one Adam step on that chunk's
-    loss, so a chunk's scores depend only on tokens up to its end. `fwd` (default `model`) is the compiled model:
-    batches are padded to TTT_BATCH_DOCS documents and windows to a multiple of TTT_CHUNK (extra positions lie
-    after the chunk, which a causal model cannot see), so a few shapes serve every chunk. Longest documents
-    first; adaptation stops once one more chunk plus plain scoring of the rest (the calls left, each timed as
-    the last forward) would end after `deadline` (time.time()): the rest of the batch keeps its adapters frozen,
-    later batches get none. Returns per-target nll, score counts, and the tokens scored with frozen adapters
-    and with none."""
+    """Legal score-first LoRA TTT, fresh adapters per document: score each chunk, then one Adam step on it. `fwd`
+    is the compiled model; windows are padded to a multiple of TTT_CHUNK (extra positions lie after the chunk,
+    unseen by a causal model), so a few shapes serve every chunk. Adaptation stops once one more chunk plus the
+    calls left (each timed as the last forward) would end after `deadline`: the rest of the batch keeps frozen
+    adapters, later batches get none. Returns nll, counts, and the tokens scored frozen and plain."""
     n, C, L, dev = val.numel() - 1, h.ttt_chunk, max(h.eval_seq_len, h.ttt_chunk), val.device
     L, nb, fwd = -(-L // C) * C, h.ttt_batch_docs, model if fwd is None else fwd
     nll, cnt = torch.zeros(n, dtype=torch.float64, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)
@@ -1122,8 +1105,7 @@ def load_inputs(h, run, resume):
 # ----------------------------------------------------------------------------- training
 
 class Trainer:
-    """The training state: what a checkpoint saves and resume, divergence rollback and the compile-warmup
-    rollback restore, all through state_dict/load_state_dict; and the step and the validation that change it."""
+    """The training state (what checkpoints, resume and both rollbacks save and restore) and its steps."""
 
     def __init__(self, h, run, loader, val, tbytes):
         self.h, self.run, self.loader, self.val, self.tbytes = h, run, loader, val, tbytes
@@ -1148,7 +1130,7 @@ class Trainer:
     def state_dict(self):
         return {"config": run_config(self.h), "step": self.step, "train_ms": self.train_ms, "lr_mult": self.lr_mult,
                 "model": self.base.state_dict(), "opts": [o.state_dict() for o in self.opts], "ema": self.ema,
-                "ema_step": self.ema_step, "qat_on": self.qat_on, "qscales": [m.qscale for m in self.fq],
+                "ema_step": self.ema_step, "qat_on": self.qat_on, "qclips": [m.qclip for m in self.fq],
                 "loader": self.loader.stream.state(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.run.device) if self.run.cuda else None}
 
@@ -1161,12 +1143,11 @@ class Trainer:
         if self.run.cuda and ck["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"], self.run.device)
         self.ema = None if ck["ema"] is None else [t.to(self.run.device) for t in ck["ema"]]
-        for m, q in zip(self.fq, ck["qscales"]):
-            m.qscale.copy_(q)
+        for m, q in zip(self.fq, ck["qclips"]):
+            m.qclip.copy_(q)
         self.qat_on = ck["qat_on"]
         set_qat(self.base, self.qat_on)
-        self.step, self.train_ms, self.lr_mult = ck["step"], ck["train_ms"], ck["lr_mult"]
-        self.ema_step = ck["ema_step"]
+        self.step, self.train_ms, self.lr_mult, self.ema_step = map(ck.get, ("step", "train_ms", "lr_mult", "ema_step"))
 
     def train_step(self, clock):
         """One optimizer step over the global batch at training time `clock` (ms); returns (loss, grad norm)."""
@@ -1281,8 +1262,7 @@ class Trainer:
 
 
 def queue_flags(flags, distributed):
-    """All-reduce a step's flags (max over ranks) and queue their copy to the host, without waiting for the GPU:
-    (host tensor, event to wait for)."""
+    """All-reduce a step's flags (max over ranks), queue their copy to the host: (host tensor, event)."""
     if distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()  # on CUDA the stream waits, not the host
     if not flags.is_cuda:
@@ -1294,8 +1274,7 @@ def queue_flags(flags, distributed):
 
 
 def read_flags(pending, keep):
-    """Wait for and read the queued steps' flags, all but the newest `keep`: (clock, signalled, first non-finite
-    step or 0), or None when nothing was read."""
+    """Read the queued flags but the newest `keep`: (clock, signalled, first bad step or 0), or None."""
     got = None
     while len(pending) > keep:
         host, done = pending.pop(0)
@@ -1307,9 +1286,7 @@ def read_flags(pending, keep):
 
 
 def train(h, tr):
-    """The training loop, until ITERATIONS or MAX_WALLCLOCK_SECONDS; returns an exit code if a signal stopped it.
-    No step waits for the GPU: its flags (clock, signal, non-finite loss) are all-reduced asynchronously and read
-    one step later, except on the steps that log, checkpoint or end, which read their own at once."""
+    """The loop to ITERATIONS or MAX_WALLCLOCK_SECONDS; flags read a step late; an exit code if a signal stopped it."""
     run, got_signal, pending = tr.run, [], []
     capped = lambda ms: bool(h.max_wallclock_seconds) and ms >= 1000 * h.max_wallclock_seconds
     for s in (signal.SIGTERM, signal.SIGINT):
@@ -1327,10 +1304,10 @@ def train(h, tr):
         if tr.qat_on != (p >= h.qat_start_frac):
             tr.qat_on = not tr.qat_on
             set_qat(tr.base, tr.qat_on)
-            refresh_qscales(tr.base)
+            refresh_qclips(tr.base)
             run.log(f"qat:{'on' if tr.qat_on else 'off'} step:{tr.step}")
         elif tr.qat_on and tr.step % h.qat_refresh_every == 0:
-            refresh_qscales(tr.base)  # the exporter's clip rule follows the weights
+            refresh_qclips(tr.base)  # the exporter's clip rule follows the weights
         loss, gnorm = tr.train_step(clock)
         tr.step += 1
         if p >= h.ema_start_frac:
@@ -1375,8 +1352,7 @@ def train(h, tr):
 # ----------------------------------------------------------------------------- export and final evaluation
 
 def export(h, tr):
-    """Load the EMA weights, score them, fit the budget, write the artifact and reload the model from its bytes.
-    Returns (pre-quantization bpb, code bytes, total bytes, artifact path)."""
+    """EMA weights, their scores, budget fit, artifact, model reloaded: (prequant bpb, code, total, path)."""
     run = tr.run
     if tr.ema is not None:
         with torch.no_grad():
@@ -1388,15 +1364,15 @@ def export(h, tr):
     set_qat(tr.base, False)
     pre_loss, pre_bpb, _, _ = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
     run.log(f"final_prequant val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
-    refresh_qscales(tr.base)  # the grid of these weights, which the export reuses
+    refresh_qclips(tr.base)  # the grid of these weights, which the export reuses
     set_qat(tr.base, True)
     q_loss, q_bpb, _, _ = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
     set_qat(tr.base, False)
     run.log(f"final_qat_forward val_loss:{q_loss:.4f} val_bpb:{q_bpb:.4f}")
     code_bytes = len(open(__file__, "rb").read())
     state = {k: v.cpu() for k, v in tr.base.state_dict().items()}
-    scales = {n: tr.base.get_submodule(n[:-7]).qscale.cpu() for n in tr.qgroups}  # n[:-7]: the module of n.weight
-    blob = [fit_budget(state, tr.qgroups, h, code_bytes, run.log, scales) if run.master else None]
+    clips = {n: tr.base.get_submodule(n[:-7]).qclip.cpu() for n in tr.qgroups}  # n[:-7]: the module of n.weight
+    blob = [fit_budget(state, tr.qgroups, h, code_bytes, run.log, clips) if run.master else None]
     if run.distributed:
         dist.broadcast_object_list(blob, src=0)
     blob = blob[0]
@@ -1413,10 +1389,7 @@ def export(h, tr):
 
 
 def evaluate_artifact(h, tr, pre_bpb, artifact):
-    """Flat, sliding and TTT scores of the reloaded artifact within EVAL_MAX_SECONDS: ({mode: (loss, bpb)}, TTT
-    tokens scored after adaptation stopped as [with frozen adapters, with none] or None, start time). The flat
-    pass always runs and its rate projects the rest: sliding is skipped if it would not leave TTT the time to
-    score plainly, and TTT stops adapting while the rest can still be scored plainly in time."""
+    """Flat, sliding, TTT scores of the artifact within EVAL_MAX_SECONDS: (scores, TTT counts, start)."""
     run, t_eval = tr.run, time.time()
     loss, bpb, ntok, nbytes = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
     flat_s = time.time() - t_eval
@@ -1428,8 +1401,7 @@ def evaluate_artifact(h, tr, pre_bpb, artifact):
     run.log(f"quant_gap prequant_val_bpb:{pre_bpb:.4f} roundtrip_val_bpb:{bpb:.4f} gap:{bpb - pre_bpb:+.4f}")
     scores, counts, deadline = {"roundtrip_flat": (loss, bpb)}, None, t_eval + h.eval_max_seconds
     if 0 < h.eval_stride < h.eval_seq_len:
-        # plain TTT scoring of the split, projected per model call from the flat pass's time per call, scaled
-        # up by the tokens per call when TTT's are larger
+        # plain TTT scoring, projected per call from the flat pass's time per call (x tokens per call if more)
         flat_calls = -(-len(eval_windows(ntok, h.train_seq_len, h.train_seq_len)[0]) // run.world_size // tr.flat_batch)
         ttt_tokens = h.ttt_batch_docs * -(-max(h.eval_seq_len, h.ttt_chunk) // h.ttt_chunk) * h.ttt_chunk
         call_s = flat_s / flat_calls * max(1.0, ttt_tokens / (tr.flat_batch * h.train_seq_len))

@@ -356,8 +356,8 @@ def test_trn_init_time_scales(seq_len, K, tiny_env, monkeypatch):
 
 def quantized_copy(model):
     """The model with every exported quantized weight (matrices, tied embedding, bigram table) replaced by its
-    export-grid value; the scales come from the exporter's rule (refresh_qscales) and are shared with `model`."""
-    tg.refresh_qscales(model)
+    export-grid value; the scales come from the exporter's rule (refresh_qclips) and are shared with `model`."""
+    tg.refresh_qclips(model)
     ref = copy.deepcopy(model)
     tg.set_qat(ref, False)
     n = 0
@@ -365,7 +365,7 @@ def quantized_copy(model):
         for m in ref.modules():
             if isinstance(m, tg.FakeQuant):
                 assert m.qbits >= 2
-                m.weight.copy_(tg.fake_quant(m.weight, m.qscale, m.qbits))
+                m.weight.copy_(tg.fake_quant(m.weight, tg.clip_scale(m.weight, m.qclip, m.qbits), m.qbits))
                 n += 1
     assert n > 0
     return ref
@@ -437,9 +437,9 @@ def test_qat_compiled_no_recompile(tiny_env, monkeypatch):
             torch.testing.assert_close(m.weight.grad, refmods[name].weight.grad, rtol=1e-4, atol=1e-6)
         with torch.no_grad():  # refreshed scales are read, not baked into the graph
             for _, m in linears(model):
-                m.qscale.mul_(1.5)
+                m.qclip.mul_(0.5)
         assert (cm(ids, tgt, reduction="none") - ref_out).abs().max() > 1e-4
-        tg.refresh_qscales(model)
+        tg.refresh_qclips(model)
         torch.testing.assert_close(cm(ids, tgt, reduction="none"), ref_out, rtol=0, atol=1e-5)
         tg.set_qat(model, False)
         out = cm(ids, tgt, reduction="none")
@@ -590,7 +590,7 @@ def _train_losses(h, seed, fp32_ctrl, steps=20):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(x, y)
             (loss * w).backward()
-            total += float(loss) * w
+            total += float(loss.detach()) * w
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -295,7 +295,7 @@ def stage_parity(P, s):
     worst, noise, rows = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0), []
     for qat in (False, True):
         if qat:
-            tg.refresh_qscales(model)
+            tg.refresh_qclips(model)
             tg.set_qat(model, True)
         t0 = time.time()
         e = run(model)
@@ -390,7 +390,7 @@ def stage_speed(P, s):
             g0, times = graphs(), []
             for i in range(n):  # learning rates change every step and QAT switches on halfway: neither may recompile
                 if i == n // 2:
-                    tg.refresh_qscales(tr.base)
+                    tg.refresh_qclips(tr.base)
                     tg.set_qat(tr.base, True)
                 times.append(1000 * timed(lambda: tr.step(1.0 - 0.5 * i / n)))
             res[mt] = (statistics.median(times), graphs() - g0 if h.compile else None)
