@@ -134,6 +134,9 @@ def test_bench_speed_tiny_runs():
         cmd.append("--no-compile")  # keep this smoke test fast where a GPU would trigger torch.compile
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    for header in ("### Speed benchmark:", "| implementation | ms | peak MiB | saved for bwd MiB |", "| ours (`kogge_stone_scan`) |",
-                   "| model | ms/step | tokens/s | peak GiB |", "| hybrid |", "| transformer |", "hybrid/transformer ms per step"):
+    for header in ("### Speed benchmark:", "| implementation | ms (median) | x faster than seed-style | peak MiB |",
+                   "| ours (`kogge_stone_scan`), eager |", "| previous doubling scan (before the blocked one), eager |",
+                   "#### One block, forward + backward", "TRN/attention block = ", "#### Muon step over the",
+                   "train_gpt.Muon / torch.optim.Muon = ", "| model | ms/step | tokens/s | peak GiB |", "| hybrid |",
+                   "| transformer |", "hybrid/transformer ms per step"):
         assert header in r.stdout
