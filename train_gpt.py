@@ -107,6 +107,7 @@ class Hyperparameters:
         e.reset_at_bos = flag("RESET_AT_BOS", 1)
         e.logit_softcap = pos("LOGIT_SOFTCAP", 30.0, float)
         e.rope_base = pos("ROPE_BASE", 10000.0, float)
+        e.qk_gain_init = pos("QK_GAIN_INIT", 1.5, float)
         e.tied_embed_init_std = pos("TIED_EMBED_INIT_STD", 0.005, float)
         # training
         e.train_seq_len = pos("TRAIN_SEQ_LEN", 1024)
@@ -138,8 +139,7 @@ class Hyperparameters:
         e.qat_refresh_every = pos("QAT_REFRESH_EVERY", 50)
         e.quant_bits = self._bits(env("QUANT_BITS", "embed:8,bigram:6,attn:6,mlp:5,trn_in:6,trn_out:6,trn_ctrl:8"))
         e.budget_bytes = pos("BUDGET_BYTES", 16_000_000)
-        e.ema_decay = frac("EMA_DECAY", 0.997)
-        e.ema_start_frac = frac("EMA_START_FRAC", 0.5)
+        e.ema_decay, e.ema_start_frac = frac("EMA_DECAY", 0.997), frac("EMA_START_FRAC", 0.5)
         # evaluation
         e.eval_seq_len = pos("EVAL_SEQ_LEN", e.train_seq_len)
         e.eval_stride = nonneg("EVAL_STRIDE", 64)
@@ -178,7 +178,8 @@ class Hyperparameters:
         return bits
 
     def _check(self):
-        e, pos = self, [p for p in self.attn_positions if not 0 <= p < self.num_layers] + [None]
+        e, hybrid = self, self.model_type == "hybrid"  # a transformer has attention everywhere
+        pos = [p for p in e.attn_positions if hybrid and not 0 <= p < e.num_layers] + [None]
         ttt = ",".join(sorted(set(self.ttt_targets) - {"head", *QUANT_GROUPS}))
         for broken, msg in (  # (condition, the line that says what to fix)
                 (e.model_dim % e.num_heads or (e.model_dim // e.num_heads) % 2,
@@ -363,9 +364,8 @@ def _kogge_stone(a, b, reverse):
 
 
 def _blocked_scan(a, b, reverse, C=16):
-    """Blocks of C steps: each block's end state from zero and decay product (an unrolled elementwise loop),
-    Kogge-Stone over the blocks for the state entering each, then each block rerun from it. About three memory
-    passes instead of one per doubling level: 3.1x faster eager, 6x compiled (CPU, one thread, B=4 T=1024 K=256)."""
+    """Blocks of C steps: each block's end state and decay product (unrolled), Kogge-Stone over the blocks for the
+    state entering each, each block rerun from it: 3.1x faster eager, 6x compiled than doubling over all of T."""
     B, T = b.shape[:2]
     C, nb = min(C, T), -(-T // min(C, T))
     if nb * C != T:  # zero padding at the end is inert both ways (a = b = 0)
@@ -409,10 +409,9 @@ def lora(x, y, ab):
 
 
 class FakeQuant:
-    """A `weight` the export quantizes (group `group`, `qbits` set per model). With QAT on, `qweight()` is exactly
-    what the artifact dequantizes to (straight-through): scales from the current weight and the clip fractions
-    `qclip` the exporter's rule sets and the export reuses (fixed scales let weights drift past a stale grid:
-    3.68 bpb exported instead of 3.00 on a 30-step run). Buffers, so QAT and refreshes never recompile."""
+    """A `weight` the export quantizes (group `group`). With QAT on, `qweight()` is exactly what the artifact
+    dequantizes to (straight-through): scales from the current weight and the exporter's clip fractions `qclip`
+    (fixed scales let weights drift past a stale grid: 3.68 bpb instead of 3.00). Buffers: never recompiles."""
     qbits = 0
 
     def init_quant(self, group):
@@ -486,21 +485,22 @@ class Attention(nn.Module):
         self.kv = CastedLinear(h.model_dim, 2 * self.nkv * self.hd, "attn")
         self.proj = CastedLinear(h.model_dim, h.model_dim, "attn", zero=True)
         self.rotary = Rotary(self.hd, h.rope_base)
+        self.q_gain = nn.Parameter(torch.full((self.nh,), h.qk_gain_init))  # per-head logit scale on unit q, k
 
     def forward(self, x, ctx):
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.nh, self.hd).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.nkv, self.hd).transpose(1, 3).unbind(2)
         cos, sin = self.rotary(T, x.device)
-        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+        q = apply_rotary(rms_norm(q), cos, sin)
+        q, k = q * self.q_gain.to(q.dtype)[:, None, None], apply_rotary(rms_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
 class TRN(nn.Module):
-    """K complex oscillators: r_t = a_t r_{t-1} + (1 - a_t) A_t exp(j theta_t), theta_t = w_t log(1+t) + p_t,
-    output = gate * (r_t exp(-j theta_t)) to model width. The control matmul is bf16 under autocast (in fp32 it
-    cost more than all other matmuls together); sigmoid, theta, cos and sin are fp32."""
+    """K complex oscillators: r_t = a_t r_{t-1} + (1 - a_t) A_t exp(j theta_t), theta_t = w_t log(1+t) + p_t, output
+    gate * (r_t exp(-j theta_t)). Control matmul bf16 (fp32 cost more than all other matmuls); the rest fp32."""
 
     def __init__(self, h):
         super().__init__()

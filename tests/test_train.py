@@ -157,6 +157,15 @@ def test_bad_hyperparameters_raise_one_line_user_error(tiny_env, monkeypatch, ov
         assert n in msg, f"{n!r} not in {msg!r}"
 
 
+def test_transformer_ignores_hybrid_attention_positions(tiny_env, monkeypatch):
+    """ATTN_POSITIONS places the hybrid's attention layers; a transformer has them everywhere, so a default
+    that is out of range for a shallow transformer must not stop it."""
+    monkeypatch.setenv("MODEL_TYPE", "transformer")
+    monkeypatch.setenv("NUM_LAYERS", "2")
+    monkeypatch.setenv("ATTN_POSITIONS", "2,5,8")
+    assert tg.Hyperparameters().attn_layers == {0, 1}
+
+
 def test_train_batch_not_splittable_over_world_size(tiny_env, monkeypatch):
     monkeypatch.setenv("TRAIN_BATCH_TOKENS", "192")  # 3 sequences of 64: not splittable over 2 processes
     h = tg.Hyperparameters()
