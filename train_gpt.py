@@ -492,8 +492,8 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.nh, self.hd).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.nkv, self.hd).transpose(1, 3).unbind(2)
         cos, sin = self.rotary(T, x.device)
-        q = apply_rotary(rms_norm(q), cos, sin)
-        q, k = q * self.q_gain.to(q.dtype)[:, None, None], apply_rotary(rms_norm(k), cos, sin)
+        g = self.q_gain[:, None, None]  # folded into q's rotation (linear): no extra pass over q
+        q, k = apply_rotary(rms_norm(q), cos * g, sin * g), apply_rotary(rms_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
