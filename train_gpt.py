@@ -139,7 +139,8 @@ class Hyperparameters:
         e.qat_refresh_every = pos("QAT_REFRESH_EVERY", 50)
         e.quant_bits = self._bits(env("QUANT_BITS", "embed:8,bigram:6,attn:6,mlp:5,trn_in:6,trn_out:6,trn_ctrl:8"))
         e.budget_bytes = pos("BUDGET_BYTES", 16_000_000)
-        e.ema_decay, e.ema_start_frac = frac("EMA_DECAY", 0.997), frac("EMA_START_FRAC", 0.5)
+        e.ema_window_frac = env("EMA_WINDOW_FRAC", 0.05, float, lambda v: 0 < v <= 1, "in (0, 1]")
+        e.ema_start_frac = frac("EMA_START_FRAC", 0.5)
         # evaluation
         e.eval_seq_len = pos("EVAL_SEQ_LEN", e.train_seq_len)
         e.eval_stride = nonneg("EVAL_STRIDE", 64)
@@ -1055,6 +1056,7 @@ def setup_run(h):
         torch.cuda.set_device(run.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls, as the baseline
     if run.distributed:
+        __import__("torch._dynamo")  # imported after init, torch 2.13 keeps gloo's group: its threads can abort exit
         dist.init_process_group("nccl" if run.cuda else "gloo", device_id=run.device if run.cuda else None,
                                 timeout=datetime.timedelta(minutes=30))  # rank 0 alone fits the budget at export
     run_id = [h.run_id or uuid.uuid4().hex[:12]]
@@ -1143,8 +1145,7 @@ class Trainer:
         if self.run.cuda and ck["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"], self.run.device)
         self.ema = None if ck["ema"] is None else [t.to(self.run.device) for t in ck["ema"]]
-        for m, q in zip(self.fq, ck["qclips"]):
-            m.qclip.copy_(q)
+        torch._foreach_copy_([m.qclip for m in self.fq], ck["qclips"])
         self.qat_on = ck["qat_on"]
         set_qat(self.base, self.qat_on)
         self.step, self.train_ms, self.lr_mult, self.ema_step = map(ck.get, ("step", "train_ms", "lr_mult", "ema_step"))
@@ -1174,12 +1175,12 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         return total, gnorm
 
-    def update_ema(self):
+    def update_ema(self, p):
         if self.ema is None:
             self.ema, self.ema_step = [t.detach().clone() for t in self.params], self.step
             self.run.log(f"ema_start step:{self.step}")
-        else:  # a running mean until 1/(n+1) drops below 1 - EMA_DECAY: no stale start on short runs
-            rate = max(1 - self.h.ema_decay, 1 / (self.step - self.ema_step + 1))
+        else:  # a window of EMA_WINDOW_FRAC of the run ((step - 1) / p steps), a running mean until that is slower
+            rate = min(1.0, max(p / (self.h.ema_window_frac * (self.step - 1)), 1 / (self.step - self.ema_step + 1)))
             torch._foreach_lerp_(self.ema, [t.detach() for t in self.params], rate)
 
     def warmup(self):
@@ -1311,7 +1312,7 @@ def train(h, tr):
         loss, gnorm = tr.train_step(clock)
         tr.step += 1
         if p >= h.ema_start_frac:
-            tr.update_ema()
+            tr.update_ema(p)
         flags = torch.stack((loss.new_tensor(tr.elapsed()), loss.new_tensor(float(bool(got_signal))),
                              (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float(), loss.new_tensor(tr.step)))
         pending.append(queue_flags(flags, run.distributed))
@@ -1356,9 +1357,8 @@ def export(h, tr):
     run = tr.run
     if tr.ema is not None:
         with torch.no_grad():
-            for p, e in zip(tr.params, tr.ema):
-                p.copy_(e)
-        run.log(f"export: EMA weights (decay {h.ema_decay}, from step {tr.ema_step})")
+            torch._foreach_copy_(tr.params, tr.ema)
+        run.log(f"export: EMA weights (window {h.ema_window_frac:g} of the run, from step {tr.ema_step})")
     else:
         run.log("export: live weights (EMA did not start)")
     set_qat(tr.base, False)

@@ -252,14 +252,16 @@ def test_qat_forward_predicts_the_roundtrip_score(base_env, tmp_path, bits):
         assert abs(bpb["final_prequant"] - bpb["final_int5_zstd_roundtrip_exact"]) > 0.001, bpb
 
 
-def test_export_uses_ema_weights(base_env, tmp_path, tiny_env):
-    """With EMA_DECAY=1 from step 1 the EMA is the running mean of the weights after steps 1..3 (its warm start):
-    the artifact must hold exactly that mean (quantized), not the final live weights."""
-    r = _run(base_env, tmp_path, "ema", EMA_DECAY="1", EMA_START_FRAC="0", ITERATIONS="3", CHECKPOINT_EVERY="1",
-             CHECKPOINT_KEEP="5", **QUIET)
+@pytest.mark.parametrize("window", ["1", "0.3"])
+def test_export_uses_ema_weights(base_env, tmp_path, tiny_env, window):
+    """EMA from step 1 of 3. A window of the whole run keeps the running mean of the weights after steps 1..3 (its
+    warm start); a window of 0.3 of 3 steps, under one step, is the live weights. The artifact must hold exactly
+    that (quantized): the EMA's window follows the run's length."""
+    r = _run(base_env, tmp_path, "ema", EMA_WINDOW_FRAC=window, EMA_START_FRAC="0", ITERATIONS="3",
+             CHECKPOINT_EVERY="1", CHECKPOINT_KEEP="5", **QUIET)
     assert r.returncode == 0, r.explain
     assert re.search(r"^ema_start step:1$", r.log, re.M)
-    assert re.search(r"^export: EMA weights \(decay 1\.0, from step 1\)$", r.log, re.M)
+    assert re.search(rf"^export: EMA weights \(window {window} of the run, from step 1\)$", r.log, re.M)
     cks = [torch.load(tmp_path / "checkpoints" / "ema" / f"step_000000{i}.pt", map_location="cpu", weights_only=True)
            for i in (1, 2, 3)]
     names = list(cks[0]["model"])
@@ -274,12 +276,13 @@ def test_export_uses_ema_weights(base_env, tmp_path, tiny_env):
     assert bits == h.quant_bits and art.keys() == set(names)
     differs = 0
     for name in names:
-        want, live = mean[name].float(), cks[2]["model"][name].float()
+        mean_w, live = mean[name].float(), cks[2]["model"][name].float()
         if name in qgroups:
-            (q, s), (q3, s3) = tg.quantize(want, bits[qgroups[name]]), tg.quantize(live, bits[qgroups[name]])
-            want, live = q.float() * s.float(), q3.float() * s3.float()
-        assert torch.allclose(art[name], want, rtol=0, atol=1e-6), f"{name}: artifact is not the EMA (running mean)"
-        differs += not torch.allclose(art[name], live, rtol=0, atol=1e-6)
+            (q, s), (q3, s3) = tg.quantize(mean_w, bits[qgroups[name]]), tg.quantize(live, bits[qgroups[name]])
+            mean_w, live = q.float() * s.float(), q3.float() * s3.float()
+        want, other = (mean_w, live) if window == "1" else (live, mean_w)
+        assert torch.allclose(art[name], want, rtol=0, atol=1e-6), f"{name}: artifact is not the EMA it should be"
+        differs += not torch.allclose(art[name], other, rtol=0, atol=1e-6)
     assert differs >= len(art) // 2, "steps 2-3 barely changed the weights: the test would not tell EMA from live"
 
 

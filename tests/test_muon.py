@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  before init_process_group, as in train_gpt.setup_run (see there)
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -139,7 +139,7 @@ BAD_HPARAMS = [
     (dict(TRAIN_BATCH_TOKENS="1000"), ["TRAIN_BATCH_TOKENS=1000", "TRAIN_SEQ_LEN=64"]),
     (dict(MODEL_DIM="-32"), ["MODEL_DIM"]),
     (dict(QUANT_BITS="embed:8,bigram:6,attn:6,mlp:9,trn_in:6,trn_out:6,trn_ctrl:8"), ["QUANT_BITS", "mlp:9"]),
-    (dict(EMA_DECAY="1.5"), ["EMA_DECAY"]),
+    (dict(EMA_WINDOW_FRAC="0"), ["EMA_WINDOW_FRAC"]),
     (dict(RUN_ID="x/y"), ["RUN_ID", "x/y"]),
     (dict(RESUME_FROM="latest"), ["RESUME_FROM=latest", "RUN_ID"]),
 ]
