@@ -364,9 +364,9 @@ def _kogge_stone(a, b, reverse):
     return b
 
 
-def _blocked_scan(a, b, reverse, C=16):
+def _blocked_scan(a, b, reverse, C=32):
     """Blocks of C steps: each block's end state and decay product (unrolled), Kogge-Stone over the blocks for the
-    state entering each, each block rerun from it: 3.1x faster eager, 6x compiled than doubling over all of T."""
+    state entering each, each block rerun: 2.9x eager, 7.7x compiled faster than doubling over T; C=32 measured best."""
     B, T = b.shape[:2]
     C, nb = min(C, T), -(-T // min(C, T))
     if nb * C != T:  # zero padding at the end is inert both ways (a = b = 0)
