@@ -93,7 +93,17 @@ class _DoublingScan(torch.autograd.Function):
     """The scan before the blocked one (train_gpt.py up to c9d6898): ceil(log2 T) in-place doubling passes
     over the whole tensor forward, and again backward; saves a and h."""
 
-    _ks = staticmethod(tg._kogge_stone)  # the doubling scan over the whole sequence, as it was
+    @staticmethod
+    def _ks(a, b, reverse):  # the doubling scan over the whole sequence, in place on copies, as it was
+        a, b = a.clone(), b.clone()
+        T, d = b.size(1), 1
+        while d < T:
+            src, dst = (slice(d, None), slice(None, -d)) if reverse else (slice(None, -d), slice(d, None))
+            b[:, dst] += a[:, dst] * b[:, src]
+            if 2 * d < T:
+                a[:, dst] = a[:, dst] * a[:, src]
+            d *= 2
+        return b
 
     @staticmethod
     def forward(ctx, a, b):
