@@ -365,9 +365,9 @@ def _kogge_stone(a, b, reverse):
 
 
 def _blocked_scan(a, b, reverse, C=32):
-    """Blocks of C steps: each block's end state and decay product (unrolled), Kogge-Stone over the blocks for the
-    state entering each, each block rerun; C=8..128 timed, 32 kept. Reverse is the adjoint: step t decays by a_{t+1},
-    indexed in the blocks (a shifted copy of a, inductor saved it for backward instead of a: 20 MB written, not 8)."""
+    """Blocks of C steps (8..128 timed, 32 kept): each block's end state and decay product (unrolled), Kogge-Stone
+    over the blocks for the state entering each, each block rerun. Reverse is the adjoint: step t decays by a_{t+1},
+    indexed in the blocks (inductor saved a shifted copy of a, and of h, for backward: 20 MB written, not 8)."""
     B, T = b.shape[:2]
     C, nb = min(C, T), -(-T // min(C, T))
     if nb * C != T:  # zero padding at the end is inert both ways (a = b = 0)
