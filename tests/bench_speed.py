@@ -10,7 +10,8 @@ Besides the scan and the training step: one TRN block against one attention bloc
 of a TRN block with the previous and the current scan (when compiling), and one Muon step (ours against
 torch.optim.Muon).
 
-Not a pytest module (its name does not start with test_). Timings are medians over repeats after warmup.
+Not a pytest module (its name does not start with test_). Timings are medians over repeats after warmup; the
+scan's ratio to the seed-style reference is also timed paired (the two alternating), with its quartiles.
 """
 import argparse, math, os, statistics, sys, time
 
@@ -178,7 +179,12 @@ def bench_scan(B, T, K, reps, seq_reps, compile_):
         r = seq_reps if fn is scan_sequential else reps
         ms, peak = timed(lambda: fwd_bwd(fn), reps=r, warmup=1 if fn is scan_sequential else 3)
         results[name] = (ms, peak, saved_mib(fn, a, b), r)
-    ours, naive = min(v[0] for k, v in results.items() if k.startswith("ours")), results[NAIVE][0]
+    fastest = min((k for k in results if k.startswith("ours")), key=lambda k: results[k][0])
+    ours, naive = results[fastest][0], results[NAIVE][0]
+    ratios = []  # one timing of each per round, alternating: drift of a shared host hits both alike
+    for _ in range(reps):
+        ratios.append(timed(lambda: fwd_bwd(scan_naive_ks), 1, 0)[0] / timed(lambda: fwd_bwd(impls[fastest]), 1, 0)[0])
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
     rows = [[name, f"{ms:.3f}", f"{naive / ms:.1f}", fmt(peak, ".1f"), f"{sv:.3g}", f"{errs[name]:.1e}", r]
             for name, (ms, peak, sv, r) in results.items()]
     rows.append([f"bandwidth lower bound ({scan_bytes / 1e6:.3g} MB at {bw / 1e9:.3g} GB/s)", f"{bound_ms:.3f}",
@@ -189,6 +195,8 @@ def bench_scan(B, T, K, reps, seq_reps, compile_):
     print(f"\nfaster of ours / seed-style = {ours / naive:.3f}, ours/lower bound = {ours / bound_ms:.1f}. Lower bound: forward reads a, b and "
           f"writes h, backward reads a, h, grad_h and writes grad_a, grad_b: 13 x 4 bytes per (b, t, k); bandwidth "
           f"measured as a {'1 GiB' if CUDA else '16 MiB'} device copy, read + write bytes. Peak MiB: allocated above the inputs.")
+    print(f"\nPaired: {len(ratios)} rounds, each timing the seed-style reference and then the fastest of ours "
+          f"({fastest}) once: seed-style/ours median {med:.1f}x (quartiles {q1:.1f}-{q3:.1f}x).")
 
 
 # ----------------------------------------------------------------------------- training step
