@@ -368,10 +368,10 @@ def _blocked_scan(a, b, reverse, C=32):
     """Blocks of C steps (8..128 timed, 32 kept): each block's end state and decay product (unrolled), Kogge-Stone
     over the blocks for the state entering each, each block rerun. Reverse is the adjoint: step t decays by a_{t+1},
     indexed in the blocks (inductor saved a shifted copy of a, and of h, for backward: 20 MB written, not 8)."""
-    B, T = b.shape[:2]
+    T = b.size(1)
     C, nb = min(C, T), -(-T // min(C, T))
     if nb * C != T:  # zero padding at the end is inert both ways (a = b = 0)
-        a, b = (torch.cat((x, x.new_zeros(B, nb * C - T, *x.shape[2:])), 1) for x in (a, b))
+        a, b = (F.pad(x, (0, 0) * (x.dim() - 2) + (0, nb * C - T)) for x in (a, b))
     a, b = a.unflatten(1, (nb, C)), b.unflatten(1, (nb, C))
     dec = [a[:, :, i] for i in range(reverse, C)] + ([_shift(a[:, :, 0], 1, True)] if reverse else [])
     steps = range(C - 1, -1, -1) if reverse else range(C)
