@@ -387,8 +387,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step off CUDA too (needs a C++ compiler)")
     ap.add_argument("--profile", action="store_true", help="per-layer-type profile of one eager hybrid step")
     ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 20 full, 5 tiny)")
-    ap.add_argument("--scan-shape", default="", help="B,T,K of the scan benchmark (default 32,1024,256 on CUDA, "
-                    "2,128,16 tiny)")
+    ap.add_argument("--scan-shape", default="", help="B,T,K of the scan benchmark (default: one rank's micro-batch "
+                    "of the model benchmarked, 64,1024,256 full, 2,128,16 tiny)")
     ap.add_argument("--scan-only", action="store_true", help="only the scan benchmark")
     args = ap.parse_args()
     tiny = args.tiny or not CUDA
@@ -396,7 +396,9 @@ def main():
     compile_ = (CUDA or args.compile) and not args.no_compile
     if CUDA:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt.py
-    B, T, K = map(int, args.scan_shape.split(",")) if args.scan_shape else (2, 128, 16) if tiny else (32, 1024, 256)
+    h = hparams(**(TINY_MODEL if tiny else {}))
+    B, T, K = (map(int, args.scan_shape.split(",")) if args.scan_shape
+               else (h.micro_batch_seqs, h.train_seq_len, h.num_oscillators))
     dev_name = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
     print(f"### Speed benchmark: {dev_name}, torch {torch.__version__}{', CUDA ' + torch.version.cuda if CUDA else ''}, "
           f"{'tiny' if tiny else 'full'} sizes (scan B={B} T={T} K={K}), training step {'compiled' if compile_ else 'eager'}, "
@@ -405,7 +407,6 @@ def main():
     bench_scan(B, T, K, reps, min(reps, 3), compile_)
     if args.scan_only:
         return
-    h = hparams(**(TINY_MODEL if tiny else {}))
     bench_blocks(h, h.micro_batch_seqs, reps, compile_)
     bench_optimizer(h, max(3, reps // 4))
 
