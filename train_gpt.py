@@ -248,8 +248,7 @@ class TokenStream:
 
     def __init__(self, files, vocab_size):
         self.files, self.vocab_size = files, vocab_size
-        self.shard, self.offset = 0, 0
-        self.tokens = load_shard(files[0], vocab_size)
+        self.shard, self.offset, self.tokens = 0, 0, load_shard(files[0], vocab_size)
 
     def state(self):
         return {"shard": self.shard, "offset": self.offset}
@@ -584,7 +583,7 @@ class GPT(nn.Module):
         h = self.h
         t = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
         keep = torch.ones_like(ids, dtype=torch.float32)
-        if h.reset_at_bos:  # a document start looks like a sequence start: no state, position 0
+        if h.reset_at_bos:  # the recurrences and positions restart at a document start (attention still sees back)
             keep = (ids != h.bos_id).float()
             t = t - torch.where(keep > 0, 0, t).cummax(1).values
         ctx = (keep.unsqueeze(-1), torch.log1p(t.float()).unsqueeze(-1))
@@ -915,9 +914,7 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print, fwd
     batches = ttt_batches(val, h, rank, world_size)
     owners = [(m, m.weight) for m in model.modules() if isinstance(m, CastedLinear) and m.group in h.ttt_targets]
     owners += [(model, model.tok_emb.weight)] * ("head" in h.ttt_targets)  # the tied output head
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+    frozen = [p.requires_grad_(False) for p in model.parameters() if p.requires_grad]
     adapt, counts, total = True, [0, 0], sum(sum(lens) for _, lens in batches)
     left, calls = total, sum(-(-max(lens) // C) for _, lens in batches)
 
@@ -959,14 +956,25 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print, fwd
             if adapt and deadline is not None and left and now + (now - t) + calls * call_s > deadline:
                 adapt, stop_batch = False, bi
                 log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {left} of {total} tokens without further adaptation")
-        if not adapt:  # later batches: zero adapters, so the output is the plain model's (same compiled graph)
-            for m, _ in owners:
-                m.lora = tuple(torch.zeros_like(t) for t in m.lora)
+        if not adapt:  # later batches: B = 0 in place, the plain model's output through the frozen adapters' graphs
+            for m, _ in owners:  # (new zero tensors, without requires_grad, compiled again for every window shape)
+                m.lora[1].detach().zero_()
     for m, _ in owners:
         m.lora = None
     for p in frozen:
         p.requires_grad_(True)
     return nll, cnt, counts
+
+
+def warm_ttt(model, h, fwd):
+    """Compiles every window shape of score_ttt, adapting and with its deadline already passed."""
+    C = h.ttt_chunk
+    L = -(-max(h.eval_seq_len, C) // C) * C
+    n = h.ttt_batch_docs * (L + C) + C + 1  # a batch of documents of L + C tokens, then one of C tokens
+    docs = torch.full((n,), (h.bos_id + 1) % h.vocab_size, dtype=torch.int32, device=model.tok_emb.weight.device)
+    docs[torch.arange(h.ttt_batch_docs + 1) * (L + C)] = h.bos_id
+    for deadline in (None, 0):
+        score_ttt(model, docs, h, deadline=deadline, log=lambda m: None, fwd=fwd)
 
 
 # ----------------------------------------------------------------------------- checkpoints and outputs
@@ -1044,6 +1052,11 @@ class Run:
     def barrier(self):
         if self.distributed:
             dist.barrier()
+
+    def all_reduce(self, t, op="SUM"):
+        if self.distributed:
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        return t
 
     def gpu_name(self):
         return torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
@@ -1209,14 +1222,8 @@ class Trainer:
                 with torch.no_grad(), autocast(self.run.device):
                     ids = torch.zeros(shape, dtype=torch.long, device=self.run.device)
                     self.compiled(ids, ids.clone(), reduction="none")  # distinct tensors, as in evaluation
-            if h.ttt_enabled:  # every TTT window shape, adapting (no deadline) and not (a deadline passed):
-                C = h.ttt_chunk  # a batch of documents of L + C tokens, then one of C tokens
-                L = -(-max(h.eval_seq_len, C) // C) * C
-                docs = torch.full((h.ttt_batch_docs * (L + C) + C + 1,), (h.bos_id + 1) % h.vocab_size,
-                                  dtype=torch.int32, device=self.run.device)
-                docs[torch.arange(h.ttt_batch_docs + 1) * (L + C)] = h.bos_id
-                for deadline in (None, 0):
-                    score_ttt(self.base, docs, h, deadline=deadline, log=lambda m: None, fwd=self.compiled)
+            if h.ttt_enabled:
+                warm_ttt(self.base, h, self.compiled)
         self.run.log(f"warmup_steps:{h.warmup_steps} done (weights, optimizer state and data position restored)")
 
     def evaluate(self, seq_len, stride, batch_seqs):
@@ -1332,9 +1339,7 @@ def train(h, tr):
                             f"{tr.last_ckpt or 'none (set CHECKPOINT_EVERY)'}; "
                             "lower MATRIX_LR/SCALAR_LR or set GRAD_CLIP_NORM, then RESUME_FROM it")
         if logged:
-            if run.distributed:  # the global batch's loss, not this rank's share (only when logged: off the hot path)
-                dist.all_reduce(loss)
-                loss /= run.world_size
+            loss = run.all_reduce(loss) / run.world_size  # the global batch's (only when logged: off the hot path)
             run.log(f"step:{tr.step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{clock:.0f}ms "
                     f"step_avg:{clock / tr.step:.2f}ms")
         if signalled or ckpt_due:
@@ -1358,9 +1363,8 @@ def export(h, tr):
     if tr.ema is not None:
         with torch.no_grad():
             torch._foreach_copy_(tr.params, tr.ema)
-        run.log(f"export: EMA weights (window {h.ema_window_frac:g} of the run, from step {tr.ema_step})")
-    else:
-        run.log("export: live weights (EMA did not start)")
+    run.log(f"export: EMA weights (window {h.ema_window_frac:g} of the run, from step {tr.ema_step})"
+            if tr.ema is not None else "export: live weights (EMA did not start)")
     set_qat(tr.base, False)
     pre_loss, pre_bpb, _, _ = tr.evaluate(h.train_seq_len, h.train_seq_len, tr.flat_batch)
     run.log(f"final_prequant val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
@@ -1409,8 +1413,7 @@ def evaluate_artifact(h, tr, pre_bpb, artifact):
                                             ttt_batches(tr.val, h, run.rank, run.world_size))
         need = flat_s * h.eval_seq_len / h.eval_stride
         skip = torch.tensor(float(time.time() + need + keep > deadline), device=run.device)
-        if run.distributed:  # every rank takes the same decision
-            dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+        run.all_reduce(skip, "MAX")  # every rank takes the same decision
         if skip:
             run.log(f"final_sliding_window skipped: it needs about {need:.1f}s (+{keep:.1f}s kept for TTT), "
                     f"{deadline - time.time():.1f}s of EVAL_MAX_SECONDS={h.eval_max_seconds:g} are left")
@@ -1425,10 +1428,7 @@ def evaluate_artifact(h, tr, pre_bpb, artifact):
         say = run.log if run.master else (lambda m: print(m, flush=True))  # a guard firing on any rank is reported
         nll, cnt, counts = score_ttt(tr.base, tr.val, h, run.rank, run.world_size, deadline, say, tr.compiled)
         t_loss, t_bpb, t_ntok, _ = finish(nll, cnt, tr.tbytes)
-        counts = torch.tensor(counts, device=run.device)
-        if run.distributed:
-            dist.all_reduce(counts)
-        counts = counts.tolist()
+        counts = run.all_reduce(torch.tensor(counts, device=run.device)).tolist()
         scores["roundtrip_ttt"] = (t_loss, t_bpb)
         note = f" ttt_frozen_tokens:{counts[0]} ttt_plain_tokens:{counts[1]}" if any(counts) else ""
         run.log(f"final_ttt val_loss:{t_loss:.4f} val_bpb:{t_bpb:.4f} val_tokens:{t_ntok} "

@@ -500,6 +500,24 @@ def test_ttt_compiled_matches_eager_with_few_graphs(tiny_env, monkeypatch, ttt_d
     torch._dynamo.reset()
 
 
+def test_warm_ttt_compiles_every_shape_a_passed_deadline_needs(tiny_env, monkeypatch, ttt_docs):
+    """After the warmup's warm_ttt, TTT compiles nothing new, adapting or with the deadline passed at once: then
+    later batches of long documents run with B zeroed (zero tensors without requires_grad recompiled each window)."""
+    h = _h(monkeypatch, TTT_BATCH_DOCS=2)
+    model = _model(h)
+    val = _val(ttt_docs)
+    assert max(max(lens) for _, lens in tg.ttt_batches(val, h)[1:]) > 2 * C  # later batches need long windows
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="eager", dynamic=False)
+    tg.warm_ttt(model, h, cm)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for deadline in (0, None):
+            _, cnt, (frozen, plain) = tg.score_ttt(model, val, h, deadline=deadline, log=lambda m: None, fwd=cm)
+            assert (cnt == 1).all() and (plain > 0) == (deadline == 0)
+    _no_adapters(model)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("spare", [3, 10, 25])
 def test_ttt_guard_ends_within_the_deadline(tiny_env, monkeypatch, ttt_docs, spare):
     """On a model clock where a model call takes 1 s, an adapter step 2 s and nothing else any time, with a bound
