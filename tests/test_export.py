@@ -102,6 +102,32 @@ def test_quantize_large_rows_stay_finite(bits):
     assert ((dq - w).abs() <= w.abs().amax(1, keepdim=True)).all()
 
 
+def test_clip_scale_rounds_to_fp16_exactly():
+    """clip_scale's integer rounding equals a .half().float() round trip on every positive finite fp16 value, the
+    midpoints between neighbours (ties to even) and the floats next to them."""
+    h = torch.arange(1, 31744, dtype=torch.int16).view(torch.float16).float()
+    mid = (h[:-1] + h[1:]) / 2
+    x = torch.cat((h, mid, torch.nextafter(mid, torch.zeros(())), torch.nextafter(mid, torch.full((), 1e9))))
+    x = x[:, None] * 127  # an 8-bit scale at clip 1 is amax / 127
+    s = tg.clip_scale(x, torch.ones(()), 8)
+    assert torch.equal(s, (x / 127).clamp(2 ** -24, 65504.0).half().float())
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_compiled_fake_quant_is_the_export_grid(bits):
+    """Under inductor (which drops a .half().float() pair) fake-quant still gives exactly what the export stores,
+    subnormal fp16 scales included."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(256, 256, generator=g) * 0.02
+    w[:16] *= 1e-4  # scales below fp16's normal range
+    clip = tg.row_clips(w, bits)
+    torch._dynamo.reset()
+    fq = torch.compile(lambda w, c: tg.fake_quant(w, tg.clip_scale(w, c, bits), bits), backend="inductor")
+    q, s = tg.quantize(w, bits, clip)
+    assert torch.equal(fq(w, clip), q.float() * s.float())
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- 10. pack / unpack
 
 def test_pack_unpack_roundtrip_bit_exact(tiny_env):
