@@ -954,8 +954,8 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print, fwd
             if adapt and deadline is not None and left and now + (now - t) + calls * call_s > deadline:
                 adapt, stop_batch = False, bi
                 log(f"ttt_time_guard: EVAL_MAX_SECONDS would be exceeded; rank {rank} scores its last {left} of {total} tokens without further adaptation")
-        if not adapt:  # later batches: B = 0 in place, the plain model's output through the frozen adapters' graphs
-            for m, _ in owners:  # (new zero tensors, without requires_grad, compiled again for every window shape)
+        if not adapt and bi == stop_batch:  # later batches: B = 0 in place, the plain model through the frozen
+            for m, _ in owners:  # adapters' graphs (new zero tensors, without requires_grad, compiled once more each)
                 m.lora[1].detach().zero_()
     for m, _ in owners:
         m.lora = None
