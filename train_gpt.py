@@ -788,8 +788,7 @@ def fit_budget(state, qgroups, h, code_bytes, log, clips={}):
     BUDGET_BYTES: each dropped bit costs least error per byte saved; kept widths store the `clips` QAT trained."""
     bits, prune, calib = dict(h.quant_bits), 0, 1.0
     trained = lambda g, b: {n: clips[n] for n in clips if qgroups[n] == g and b == h.quant_bits[g]}
-    # the head and the frequencies stay fine
-    floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}
+    floor = {g: min(b, 6 if g in ("embed", "trn_ctrl") else 4) for g, b in bits.items()}  # head, frequencies: fine
     names, cache = {g: [n for n in qgroups if qgroups[n] == g] for g in sorted(set(qgroups.values()))}, {}
 
     def stats(g, b):  # (estimated bytes, summed relative squared error) of group g at b bits
@@ -862,8 +861,7 @@ def score_windows(model, val, seq_len, stride, batch_seqs, rank=0, world_size=1)
     L = min(seq_len, n)
     ar = torch.arange(L, device=dev)
     for i in range(0, len(starts), batch_seqs):
-        # full batches: one compiled shape
-        rows = torch.arange(i, i + batch_seqs, device=dev).clamp_max(len(starts) - 1)
+        rows = torch.arange(i, i + batch_seqs, device=dev).clamp_max(len(starts) - 1)  # full batches: one shape
         idx = starts[rows, None] + ar
         with autocast(val.device):
             loss = model(val[idx].long(), val[idx + 1].long(), reduction="none")
@@ -1291,11 +1289,12 @@ def read_flags(pending, keep):
 
 
 def train(h, tr):
-    """The loop to ITERATIONS or MAX_WALLCLOCK_SECONDS; flags read a step late; an exit code if a signal stopped it."""
+    """The loop to ITERATIONS or MAX_WALLCLOCK_SECONDS; flags read a step late; an exit code if a signal stopped it
+    (also one during the final validation: an all-reduce after the loop, so every rank stops, or none)."""
     run, got_signal, pending = tr.run, [], []
     capped = lambda ms: bool(h.max_wallclock_seconds) and ms >= 1000 * h.max_wallclock_seconds
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda signum, frame: got_signal.append(signum))
+    grab = lambda signum, frame: got_signal.append(signum)
+    handlers = {s: signal.signal(s, grab) for s in (signal.SIGTERM, signal.SIGINT)}  # restored after the loop
     run.sync()
     tr.t0 = time.perf_counter()
     stop_after, clock = capped(tr.train_ms), tr.train_ms  # clock: agreed by all ranks, so they schedule alike
@@ -1340,16 +1339,19 @@ def train(h, tr):
             loss = run.all_reduce(loss) / run.world_size  # the global batch's (only when logged: off the hot path)
             run.log(f"step:{tr.step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{clock:.0f}ms "
                     f"step_avg:{clock / tr.step:.2f}ms")
-        if signalled or ckpt_due:
-            tr.checkpoint()
         if signalled:
-            run.log(f"stopped_by_signal step:{tr.step}")
-            return 128 + (got_signal[0] if got_signal else signal.SIGTERM)
+            break
+        if ckpt_due:
+            tr.checkpoint()
         stop_after = capped(clock)
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_DFL)
-    if h.checkpoint_every and tr.step % h.checkpoint_every:
-        tr.checkpoint()  # a run preempted during evaluation resumes here, not at an older checkpoint
+    for s, f in handlers.items():
+        signal.signal(s, f)
+    signalled = run.all_reduce(torch.tensor(float(bool(got_signal)), device=run.device), "MAX").item()
+    if signalled or h.checkpoint_every and tr.step % h.checkpoint_every:
+        tr.checkpoint()  # a run preempted during export or evaluation resumes here, not at an older checkpoint
+    if signalled:
+        run.log(f"stopped_by_signal step:{tr.step}")
+        return 128 + (got_signal[0] if got_signal else signal.SIGTERM)
     return None
 
 

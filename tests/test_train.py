@@ -515,6 +515,36 @@ def test_sigterm_two_processes_checkpoints_and_resumes(base_env, tiny_env, tmp_p
     one_line(r.log, "final_int5_zstd_roundtrip_exact ")
 
 
+def test_sigterm_during_the_final_validation_checkpoints_and_resumes(tiny_env, monkeypatch, tmp_path):
+    """A signal that arrives during the final validation (after the last step's flags were read) was lost: the
+    run went on to export. Now it checkpoints, logs stopped_by_signal and exits 143, with the caller's handlers
+    back; the resumed run validates again and finishes."""
+    real = tg.Trainer.validate
+
+    def validate(self):
+        if self.step == self.h.iterations:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(self)
+
+    monkeypatch.chdir(tmp_path)
+    for k, v in dict(RUN_ID="fin", **QUIET).items():
+        monkeypatch.setenv(k, v)
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    monkeypatch.setattr(tg.Trainer, "validate", validate)
+    assert tg.train_and_evaluate(tg.Hyperparameters()) == 128 + signal.SIGTERM
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    n, log = int(TINY["ITERATIONS"]), (tmp_path / "logs" / "fin.txt").read_text()
+    rel = os.path.join("checkpoints", "fin", f"step_{n:07d}.pt")
+    assert f"step:{n}/{n} val_loss:" in log and f"checkpoint:{rel} step:{n}" in log, log[-2000:]
+    assert log.rstrip().endswith(f"stopped_by_signal step:{n}") and "final_" not in log
+    monkeypatch.setattr(tg.Trainer, "validate", real)
+    monkeypatch.setenv("RESUME_FROM", "latest")
+    assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
+    log = (tmp_path / "logs" / "fin.txt").read_text()
+    assert f"resumed_from:{rel} step:{n}" in log and log.count(f"step:{n}/{n} val_loss:") == 2
+    one_line(log, "final_int5_zstd_roundtrip_exact ")
+
+
 # ----------------------------------------------------------------------------- 6. refused checkpoints
 
 def test_truncated_checkpoint_refused_subprocess(ckrun, base_env, tmp_path):
