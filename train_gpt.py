@@ -719,14 +719,10 @@ def quant_groups(model):
 def row_clips(w, bits, clips=(1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)):
     """Each row's clip fraction (of its largest |w|), chosen from `clips` to minimise its squared error."""
     w = w.float()
-    best_err, best_c = None, None
-    for c in clips:
+    best_err, best_c = w.new_full((w.size(0), 1), math.inf), w.new_ones(w.size(0), 1)
+    for c in clips:  # ties keep the earlier clip
         err = (fake_quant(w, clip_scale(w, c, bits), bits) - w).square().sum(1, keepdim=True)
-        if best_err is None:
-            best_err, best_c = err, torch.full_like(err, c)
-        else:
-            best_c = torch.where(err < best_err, c, best_c)
-            best_err = torch.minimum(err, best_err)
+        best_c, best_err = torch.where(err < best_err, c, best_c), torch.minimum(err, best_err)
     return best_c
 
 
@@ -1128,14 +1124,18 @@ class Trainer:
         run.log(f"params total:{sum(counts.values())} " + " ".join(f"{g}:{n}" for g, n in sorted(counts.items())))
         self.compiled = torch.compile(self.base, dynamic=False) if h.compile else self.base
         torch._dynamo.config.cache_size_limit = 32  # training + flat + sliding + TTT window shapes: one graph each
-        self.model = self.compiled if not run.distributed else nn.parallel.DistributedDataParallel(
-            self.compiled, device_ids=[run.device] if run.cuda else None, broadcast_buffers=False)
+        self.model = self.wrap()
         self.opts = make_optimizers(self.base, h)
         self.params = list(self.base.parameters())
         self.flat_batch = max(1, h.val_batch_size // (h.train_seq_len * run.world_size))
         self.step, self.train_ms, self.lr_mult, self.ema, self.ema_step, self.qat_on = 0, 0.0, 1.0, None, None, False
         self.fq = [m for m in self.base.modules() if isinstance(m, FakeQuant)]
         self.last_ckpt, self.t0, self.retries = None, None, h.divergence_retries
+
+    def wrap(self):
+        """DDP around the compiled model; new after an out-of-memory error (the old awaits an unfinished reduction)."""
+        return self.compiled if not self.run.distributed else nn.parallel.DistributedDataParallel(
+            self.compiled, device_ids=[self.run.device] if self.run.cuda else None, broadcast_buffers=False)
 
     def state_dict(self):
         return {"config": run_config(self.h), "step": self.step, "train_ms": self.train_ms, "lr_mult": self.lr_mult,
@@ -1205,7 +1205,7 @@ class Trainer:
                 if self.loader.micro == 1:
                     raise UserError(f"one sequence of TRAIN_SEQ_LEN={h.train_seq_len} does not fit in GPU memory: "
                                     "shrink the model or the sequence") from None
-                self.loader.micro, done = self.loader.micro // 2, 0
+                self.loader.micro, done, self.model = self.loader.micro // 2, 0, self.wrap()
                 self.load_state_dict(snapshot)
                 for p in self.params:
                     p.grad = None

@@ -698,6 +698,48 @@ def test_stale_checkpoint_dir_refused_before_anything_is_written(tiny_env, monke
     assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(ckdir) == ["step_0000100.pt"]
 
 
+OOM_IN_BACKWARD = """import sys
+sys.path.insert(0, {root!r})
+import torch, train_gpt as tg
+real, init = tg.Block.forward, tg.GPT.__init__
+
+
+class Boom(torch.autograd.Function):  # raises in the backward of the first block, after the later blocks' gradients
+    forward = staticmethod(lambda ctx, x: x.view_as(x))
+    backward = staticmethod(lambda ctx, g: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated")))
+
+
+def forward(self, x, x0, ctx):
+    y = real(self, x, x0, ctx)
+    return Boom.apply(y) if torch.is_grad_enabled() and x.size(0) > 2 and self is FIRST[-1] else y
+
+
+FIRST = []
+tg.Block.forward = forward
+tg.GPT.__init__ = lambda self, h: (init(self, h), FIRST.append(self.blocks[0]))[0]
+tg.main()
+"""
+
+
+def test_cuda_oom_in_the_backward_under_ddp_halves_the_micro_batch(base_env, e2e_2proc, tmp_path):
+    """2 gloo processes, a simulated CUDA out-of-memory error in the backward (first block, micro-batches over 2):
+    DDP's reducer then waits for a reduction that never finished, and reusing it failed ("Expected to have finished
+    reduction in the prior iteration"). The warmup rebuilds DDP: the run halves 8 -> 4 -> 2 on both ranks and trains
+    as the 2-process run without the error (float rounding apart: 4 micro-batches instead of 1)."""
+    script = tmp_path / "oom_in_backward.py"
+    script.write_text(OOM_IN_BACKWARD.format(root=os.path.dirname(SCRIPT)))
+    os.makedirs(tmp_path / "run")
+    r = Run(run_script(dict(base_env, RUN_ID="oom2", **QUIET), str(tmp_path / "run"), nproc=2, script=str(script)),
+            str(tmp_path / "run"), "oom2")
+    assert r.rc == 0, r.explain()
+    assert re.findall(r"^micro_batch_seqs:(\d+) ", r.log, re.M) == ["4", "2"]
+    assert e2e_2proc.rc == 0, e2e_2proc.explain()
+    la, lb = train_losses(r.log), train_losses(e2e_2proc.log)
+    assert la.keys() == lb.keys() and all(abs(float(la[s]) - float(lb[s])) <= TOL + 1e-4 for s in la), (la, lb)
+    va, vb = (float(fields(one_line(x.log, "final_int5_zstd_roundtrip_exact "))["val_loss"]) for x in (r, e2e_2proc))
+    assert abs(va - vb) <= TOL, (va, vb)
+
+
 def test_cuda_oom_in_warmup_halves_the_micro_batch(tiny_env, monkeypatch, tmp_path):
     """A simulated CUDA out-of-memory error for micro-batches over 2 sequences: the warmup halves MICRO_BATCH_SEQS
     (8 -> 4 -> 2), logs it, rolls back, and the run trains exactly as a run configured with 2 from the start."""
