@@ -1,8 +1,12 @@
-"""tools/preflight.py on the synthetic data with the tiny configuration (COMPILE=0, one process): every stage's
-report and figures, the over-budget exit, the deadline, and a bad DATA_PATH that fails the data stage only."""
+"""tools/preflight.py on the synthetic data with the tiny configuration (COMPILE=0, one process unless named): every
+stage's report and figures, the over-budget exit, the deadline, a bad DATA_PATH that fails the data stage only, two
+processes, a killed preflight's partial report, and a missing sentencepiece."""
 import difflib
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -94,3 +98,52 @@ def test_bad_data_path_fails_the_data_stage_only(base_env, tmp_path):
     assert r.stages["size"]["status"] == "ok" and r.stages["parity"]["status"] == "ok"
     assert "random ids" in r.report  # parity ran without validation tokens
     assert r.stages["eval"]["status"].startswith("skipped:")
+
+
+def test_two_processes_report_every_rank_and_exit_alike(base_env, tmp_path):
+    """Under torchrun a rank that failed used to exit first, and torchrun stopped rank 0 before it wrote anything.
+    Now rank 0's report names rank 1's failure too, and both ranks exit 2 (the worst status)."""
+    missing = str(tmp_path / "missing")
+    r = run_script(dict(base_env, RUN_ID="two", DATA_PATH=missing, PREFLIGHT_SECONDS="16"), tmp_path, nproc=2,
+                   timeout=120, script=PREFLIGHT)
+    md = tmp_path / "logs" / "preflight_two.md"
+    assert md.is_file(), r.stderr[-3000:]
+    figs = json.load(open(tmp_path / "logs" / "preflight_two.json"))
+    assert figs["exit_code"] == 2 and figs["complete"] and figs["world_size"] == 2
+    others = figs["other_ranks_failures"]
+    assert [m.split(":")[:2] for m in others] == [["rank 1", " Data"]], others
+    assert f"- rank 1: Data: input error: DATA_PATH={missing} is not a directory" in md.read_text()
+    # torchrun SIGTERMs the slower rank once the first has exited, which can land in its shutdown (-15)
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr))
+    assert "2" in codes and codes <= {"2", "-15"}, r.stderr[-3000:]
+
+
+def test_a_killed_preflight_keeps_the_stages_it_finished(base_env, tmp_path):
+    """The report is rewritten after every stage: killed as the speed stage starts, the first six are on disk."""
+    full = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    full.update(base_env, RUN_ID="killed", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, PREFLIGHT], cwd=tmp_path, env=full, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:
+            if line.startswith("preflight: 5. Speed"):
+                p.kill()
+                break
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    figs = json.load(open(tmp_path / "logs" / "preflight_killed.json"))
+    assert figs["exit_code"] is None and not figs["complete"] and not figs["pass"]
+    assert list(figs["stages"]) == ["environment", "data", "allreduce", "size", "parity", "memory"], list(figs["stages"])
+    text = (tmp_path / "logs" / "preflight_killed.md").read_text()
+    assert text.startswith("# Preflight\n\n**INCOMPLETE** (6 of 9 stages done; killed, or still running)"), text[:300]
+
+
+def test_missing_sentencepiece_still_loads_the_validation_data(base_env, tmp_path):
+    """An ImportError in the tokenizer part escaped the per-part loop, so the validation data was never loaded."""
+    (tmp_path / "block" / "sentencepiece").mkdir(parents=True)
+    (tmp_path / "block" / "sentencepiece" / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
+    r = _preflight(base_env, tmp_path, "nospm", PYTHONPATH=str(tmp_path / "block"), PREFLIGHT_SECONDS="16")
+    assert r.returncode == 2, r.explain
+    assert "input error: blocked by the test" in r.stages["data"]["failures"]
+    assert r.stages["data"]["figures"]["val_targets"] > 0 and "random ids" not in r.report

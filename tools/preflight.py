@@ -15,7 +15,9 @@ Stages, in order, each timed; a stage that raises is reported in one line and th
   6 evaluation: flat, sliding and TTT throughput on a slice of the validation split, projected to all of it
   7 scan: tests/bench_speed.py's scan benchmark at the training shape, with its memory-traffic bound
 PREFLIGHT_SECONDS (default 480) is a deadline: a stage whose time guess (STAGES) no longer fits is skipped.
-Under torchrun every rank checks its own GPU (size and scan: rank 0 only); other ranks print only failures.
+Under torchrun every rank checks its own GPU (size and scan: rank 0 only); rank 0's report lists every rank's
+failures, and every rank exits with the worst status. The report is rewritten after each stage (INCOMPLETE until
+the last), so a preflight killed by a timeout keeps what it measured.
 Exit status: 0 passed; 1 a check failed (parity, no micro-batch fits, over budget) or a stage raised; 2 an input
 error (settings, data, tokenizer). Warnings (flash unavailable, recompiles, evaluation over EVAL_MAX_SECONDS, a
 smaller micro-batch than MICRO_BATCH_SEQS) do not change it.
@@ -23,6 +25,7 @@ smaller micro-batch than MICRO_BATCH_SEQS) do not change it.
 import contextlib, datetime, gc, importlib, inspect, io, json, math, os, re, resource, statistics, sys, time, traceback
 from types import SimpleNamespace
 
+T_START = time.time()  # before torch is imported: the import counts against PREFLIGHT_SECONDS too
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -217,7 +220,7 @@ def stage_data(P, s):
     for part in (train, tokenizer, val):
         try:
             part()
-        except tg.UserError as e:
+        except (tg.UserError, ImportError) as e:  # ImportError: sentencepiece is missing
             s.fail(f"input error: {e}", input_error=True)
 
 
@@ -559,26 +562,40 @@ def run_stage(P, num, key, title, fn, guess, deadline):
     return s
 
 
-def report(P, sections, code, t_start):
-    head = ["# Preflight", "", f"**{'PASS' if code == 0 else 'FAIL'}** (exit {code}) in {time.time() - t_start:.0f} s of "
-            f"PREFLIGHT_SECONDS={P.budget:g}; RUN_ID {P.run_id}; device {P.run.gpu_name()}; world size {P.run.world_size}",
-            "", "| stage | status | s |", "|---|---|---|"]
+def report(P, sections, code, t_start, others=()):
+    """(Markdown, JSON). code None: the stages so far, written after each one, so a killed preflight keeps them;
+    others: the other ranks' failures."""
+    took = time.time() - t_start
+    verdict = (f"INCOMPLETE** ({len(sections)} of {len(STAGES)} stages done; killed, or still running)" if code is None
+               else f"{'PASS' if code == 0 else 'FAIL'}** (exit {code})")
+    head = ["# Preflight", "", f"**{verdict} in {took:.0f} s of PREFLIGHT_SECONDS={P.budget:g}"
+            f"{' (over it: a stage ran past its guess)' if took > P.budget else ''}; RUN_ID {P.run_id}; "
+            f"device {P.run.gpu_name()}; world size {P.run.world_size}", "", "| stage | status | s |", "|---|---|---|"]
     head += [f"| {s.num}. {s.title} | {s.status} | {s.seconds:.1f} |" for s in sections]
     notes = [f"- {s.title}: {m}" for s in sections for m in s.fails + [f"warning: {w}" for w in s.warns]]
+    notes += [f"- {m}" for m in others]
     head += [""] + notes if notes else []
     body = []
     for s in sections:
         body += ["", f"## {s.num}. {s.title}", ""] + ([f"- {s.status}"] if s.status.startswith("skipped") else [])
         body += s.lines + [f"- **failed** {m}" for m in s.fails] + [f"- warning: {m}" for m in s.warns]
-    figs = {"run_id": P.run_id, "exit_code": code, "pass": code == 0, "seconds": time.time() - t_start,
+    figs = {"run_id": P.run_id, "exit_code": code, "pass": code == 0, "complete": code is not None, "seconds": took,
+            "other_ranks_failures": list(others),
             "preflight_seconds": P.budget, "device": P.run.gpu_name(), "world_size": P.run.world_size,
             "stages": {s.key: {"status": s.status, "seconds": s.seconds, "failures": s.fails, "warnings": s.warns,
                                "figures": s.figs} for s in sections}}
     return "\n".join(head + body) + "\n", json.dumps(figs, indent=2, default=str) + "\n"
 
 
+def write(P, *args):
+    text, js = report(P, *args)
+    tg.atomic_write(os.path.join("logs", f"preflight_{P.run_id}.md"), text.encode())
+    tg.atomic_write(os.path.join("logs", f"preflight_{P.run_id}.json"), js.encode())
+    return text
+
+
 def main():
-    t_start = time.time()
+    t_start = T_START
     try:
         budget = float(os.environ.get("PREFLIGHT_SECONDS", "480"))
         h = tg.Hyperparameters()
@@ -598,17 +615,28 @@ def main():
     P = SimpleNamespace(h=h, run=run, dev=run.device, budget=budget, run_id=h.run_id or "preflight",
                         counts=dict(sorted(counts.items())), n_params=sum(counts.values()), C=45 if h.compile else 0,
                         val=None, luts=None, train_tokens=None, micro=None, trained=None)  # set by the stages
-    sections = [run_stage(P, *st, deadline=t_start + budget) for st in STAGES]
+    sections = []
+    for st in STAGES:
+        sections.append(run_stage(P, *st, deadline=t_start + budget))
+        if run.master:
+            write(P, sections, None, t_start)
     code = 2 if any(s.input_error for s in sections) else 1 if any(s.fails for s in sections) else 0
-    text, js = report(P, sections, code, t_start)
+    mine, others = [f"rank {run.rank}: {s.title}: {m}" for s in sections for m in s.fails], []
+    if run.distributed:  # rank 0 reports every rank's failures, and every rank exits with the worst status; through
+        # torchrun's store (a second process group after the first was closed hung); rank 0 runs size and scan alone
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=budget + 600))
+        store.set(f"preflight/{run.rank}", json.dumps((code, mine)))
+        got = [json.loads(store.get(f"preflight/{r}")) for r in range(run.world_size)]
+        code, others = max(c for c, _ in got), [m for _, ms in got[1:] for m in ms]
     if run.master:
-        print(text, end="", flush=True)
-        tg.atomic_write(os.path.join("logs", f"preflight_{P.run_id}.md"), text.encode())
-        tg.atomic_write(os.path.join("logs", f"preflight_{P.run_id}.json"), js.encode())
+        print(write(P, sections, code, t_start, others), end="", flush=True)
     else:
-        for s in sections:
-            for m in s.fails:
-                print(f"rank {run.rank}: {s.title}: {m}", file=sys.stderr)
+        print("\n".join(mine), file=sys.stderr)
+    if run.distributed and run.master:
+        store.set("preflight/written", "1")
+    elif run.distributed:  # no rank exits (torchrun would then stop the others) before rank 0 has written the report
+        store.get("preflight/written")
     sys.exit(code)
 
 
