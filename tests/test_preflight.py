@@ -147,3 +147,19 @@ def test_missing_sentencepiece_still_loads_the_validation_data(base_env, tmp_pat
     assert r.returncode == 2, r.explain
     assert "input error: blocked by the test" in r.stages["data"]["failures"]
     assert r.stages["data"]["figures"]["val_targets"] > 0 and "random ids" not in r.report
+
+
+def test_the_runs_own_refusals_fail_the_data_stage(base_env, tmp_path):
+    """What setup_run refuses at once (an existing log of RUN_ID, RESUME_FROM without a checkpoint) fails preflight
+    with the run's own message, instead of a PASS for a run that cannot start."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "taken.txt").write_text("an earlier run\n")
+    r = _preflight(base_env, tmp_path, "taken", PREFLIGHT_SECONDS="16")
+    assert r.returncode == 2, r.explain
+    assert r.stages["data"]["failures"] == [f"input error: {os.path.join('logs', 'taken.txt')} exists: pick another "
+                                            "RUN_ID, or set OVERWRITE=1 or RESUME_FROM"], r.stages["data"]
+    r = _preflight(base_env, tmp_path, "fresh", RESUME_FROM="latest", PREFLIGHT_SECONDS="16")
+    assert r.returncode == 2, r.explain
+    ckdir = os.path.join("checkpoints", "fresh")
+    assert r.stages["data"]["failures"] == [f"input error: RESUME_FROM=latest: no checkpoint in CHECKPOINT_DIR={ckdir}"]
+    assert _preflight(base_env, tmp_path, "taken", OVERWRITE="1", PREFLIGHT_SECONDS="16").returncode == 0

@@ -6,7 +6,8 @@ logs/preflight_<RUN_ID>.md) and the same figures as JSON (logs/preflight_<RUN_ID
     torchrun --standalone --nproc_per_node=8 tools/preflight.py   # also the all-reduce; rank 0 writes the report
 
 Stages, in order, each timed; a stage that raises is reported in one line and the next one still runs:
-  1 environment (torch, CUDA, bf16, flash SDPA, packages); data, checked with train_gpt's own functions;
+  1 environment (torch, CUDA, bf16, flash SDPA, packages); data, checked with train_gpt's own functions, and the
+    run's refusals (an existing log or checkpoints of RUN_ID, a RESUME_FROM checkpoint that does not load or match);
     all-reduce bandwidth of a gradient-sized buffer (under torchrun)
   2 size: parameters by quantization group; artifact estimate (fit_budget on Gaussian weights) vs BUDGET_BYTES
   3 parity: loss and gradients of torch.compile against eager, QAT off and on
@@ -22,7 +23,7 @@ Exit status: 0 passed; 1 a check failed (parity, no micro-batch fits, over budge
 error (settings, data, tokenizer). Warnings (flash unavailable, recompiles, evaluation over EVAL_MAX_SECONDS, a
 smaller micro-batch than MICRO_BATCH_SEQS) do not change it.
 """
-import contextlib, datetime, gc, importlib, inspect, io, json, math, os, re, resource, statistics, sys, time, traceback
+import contextlib, copy, datetime, gc, glob, importlib, inspect, io, json, math, os, re, resource, statistics, sys, time, traceback
 from types import SimpleNamespace
 
 T_START = time.time()  # before torch is imported: the import counts against PREFLIGHT_SECONDS too
@@ -217,7 +218,21 @@ def stage_data(P, s):
             b = int(tg.target_bytes(P.val, P.luts).sum())
             s.add(f"- validation bytes: {b:,} ({b / (v.size - 1):.3f} per target)", val_bytes=b)
 
-    for part in (train, tokenizer, val):
+    def outputs():  # setup_run's refusals, which would stop the run at once
+        g = copy.copy(h)
+        g.checkpoint_dir = h.checkpoint_dir or os.path.join("checkpoints", h.run_id)
+        if h.resume_from:
+            path, ck = tg.load_checkpoint(g, h.resume_from)
+            s.add(f"- resume: {path} (step {ck['step']}) was made with these settings")
+        elif not h.overwrite:
+            log = os.path.join("logs", f"{h.run_id}.txt")
+            if h.run_id and os.path.exists(log):
+                raise tg.UserError(f"{log} exists: pick another RUN_ID, or set OVERWRITE=1 or RESUME_FROM")
+            if (h.run_id or h.checkpoint_dir) and glob.glob(os.path.join(g.checkpoint_dir, "step_*.pt")):
+                raise tg.UserError(f"CHECKPOINT_DIR={g.checkpoint_dir} holds another run's checkpoints: "
+                                   "set RESUME_FROM, or OVERWRITE=1 to delete them")
+
+    for part in (train, tokenizer, val, outputs):
         try:
             part()
         except (tg.UserError, ImportError) as e:  # ImportError: sentencepiece is missing
