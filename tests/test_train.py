@@ -698,6 +698,21 @@ def test_stale_checkpoint_dir_refused_before_anything_is_written(tiny_env, monke
     assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(ckdir) == ["step_0000100.pt"]
 
 
+def test_warmup_steps_do_not_train(tiny_env, monkeypatch, tmp_path):
+    """Warmup steps compile and warm the kernels, then put weights, optimizer state, data position and RNG back:
+    a run with 3 of them trains and scores exactly as one with none."""
+    def run(rid, warmup):
+        for k, v in dict(RUN_ID=rid, WARMUP_STEPS=warmup, **QUIET).items():
+            monkeypatch.setenv(k, v)
+        assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
+        log = open(tmp_path / "logs" / f"{rid}.txt").read()
+        return train_losses(log), one_line(log, "final_int5_zstd_roundtrip_exact ")
+
+    monkeypatch.chdir(tmp_path)
+    warm, cold = run("warm", "3"), run("cold", "0")
+    assert warm == cold and len(warm[0]) == int(TINY["ITERATIONS"])
+
+
 OOM_IN_BACKWARD = """import sys
 sys.path.insert(0, {root!r})
 import torch, train_gpt as tg
