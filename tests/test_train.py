@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -446,6 +447,18 @@ def test_resume_is_bit_identical(ckrun, base_env, k):
         a.pop(key, None), b.pop(key, None)
     same_tree(a, b)
     assert open(r.artifact, "rb").read() == open(ckrun.artifact, "rb").read()
+
+
+def test_resuming_an_older_checkpoint_deletes_the_newer_ones(ckrun, base_env, tmp_path):
+    """Resuming step 2 abandons the timeline of steps 4 and 6: their checkpoints are deleted, so a later
+    RESUME_FROM=latest cannot pick them up (this resume writes none: CHECKPOINT_EVERY=0)."""
+    assert ckrun.rc == 0, ckrun.explain()
+    ckdir = tmp_path / "checkpoints" / "older"
+    shutil.copytree(ckrun.path("checkpoints", "ck"), ckdir)
+    assert sorted(os.listdir(ckdir)) == [f"step_{k:07d}.pt" for k in (2, 4, 6)]
+    r = launch(base_env, tmp_path, "older", RESUME_FROM=str(ckdir / "step_0000002.pt"), CHECKPOINT_EVERY="0", **QUIET)
+    assert r.rc == 0, r.explain()
+    assert sorted(os.listdir(ckdir)) == ["step_0000002.pt"]
 
 
 # ----------------------------------------------------------------------------- 5. SIGTERM
