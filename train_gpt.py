@@ -1277,27 +1277,27 @@ def queue_flags(flags, distributed):
 
 
 def read_flags(pending, keep):
-    """Read the queued flags but the newest `keep`: (clock, signalled, first bad step or 0), or None."""
+    """Read the queued flags but the newest `keep`: (clock, signalled, first bad step or 0, the clock's step)."""
     got = None
     while len(pending) > keep:
         host, done = pending.pop(0)
         if done is not None:
             done.synchronize()
         clock, signalled, step, bad = host.tolist()
-        got = (clock, signalled, got[2] if got and got[2] else int(step) * (bad > 0))
+        got = (clock, signalled, got[2] if got and got[2] else int(step) * (bad > 0), int(step))
     return got
 
 
 def train(h, tr):
-    """The loop to ITERATIONS or MAX_WALLCLOCK_SECONDS; flags read a step late; an exit code if a signal stopped it
-    (also one during the final validation: an all-reduce after the loop, so every rank stops, or none)."""
-    run, got_signal, pending = tr.run, [], []
-    capped = lambda ms: bool(h.max_wallclock_seconds) and ms >= 1000 * h.max_wallclock_seconds
+    """The loop to ITERATIONS or MAX_WALLCLOCK_SECONDS (ending within it at the mean step); flags read a step late;
+    an exit code if a signal stopped it (also in the final validation: all-reduced after it, every rank or none)."""
+    run, got_signal, pending, cap = tr.run, [], [], 1000 * h.max_wallclock_seconds
+    capped = lambda ms, n: bool(cap) and ms + (2 + run.cuda) * ms / max(n, 1) > cap  # steps ending after that clock
     grab = lambda signum, frame: got_signal.append(signum)
     handlers = {s: signal.signal(s, grab) for s in (signal.SIGTERM, signal.SIGINT)}  # restored after the loop
     run.sync()
     tr.t0 = time.perf_counter()
-    stop_after, clock = capped(tr.train_ms), tr.train_ms  # clock: agreed by all ranks, so they schedule alike
+    stop_after, clock = capped(tr.train_ms, tr.step), tr.train_ms  # clock: agreed by all ranks, so they schedule alike
     while True:
         last = tr.step >= h.iterations or stop_after
         if last or (h.val_loss_every and tr.step % h.val_loss_every == 0 and tr.step):
@@ -1325,9 +1325,9 @@ def train(h, tr):
         got = read_flags(pending, 0 if logged or ckpt_due or tr.step >= h.iterations else 1)
         if got is None:
             continue
-        if (got[1] or capped(got[0])) and not got[2]:
+        if (got[1] or capped(got[0], got[3])) and not got[2]:
             got = read_flags(pending, 0) or got  # stopping: this step's flags too, so no bad state is kept
-        clock, signalled, bad = got  # clock: training time agreed by all ranks (their max)
+        clock, signalled, bad, at = got  # clock: training time agreed by all ranks (their max) after step `at`
         if bad:
             pending.clear()
             if tr.rollback(bad, clock):
@@ -1343,7 +1343,7 @@ def train(h, tr):
             break
         if ckpt_due:
             tr.checkpoint()
-        stop_after = capped(clock)
+        stop_after = capped(clock, at)
     for s, f in handlers.items():
         signal.signal(s, f)
     signalled = run.all_reduce(torch.tensor(float(bool(got_signal)), device=run.device), "MAX").item()

@@ -461,6 +461,59 @@ def test_resuming_an_older_checkpoint_deletes_the_newer_ones(ckrun, base_env, tm
     assert sorted(os.listdir(ckdir)) == ["step_0000002.pt"]
 
 
+
+class FakeClock:
+    """`time` for train_gpt.py whose perf_counter advances only in train_step, by `step_s` per step: the training
+    clock then reads exactly steps x step_s, so tests of the wallclock cap and of resumed clocks are exact."""
+
+    def __init__(self, monkeypatch, step_s=0.01):
+        self.now = 0.0
+        real = tg.Trainer.train_step
+
+        def train_step(trainer, clock):
+            out = real(trainer, clock)
+            self.now += step_s
+            return out
+
+        monkeypatch.setattr(tg.Trainer, "train_step", train_step)
+        monkeypatch.setattr(tg, "time", self)
+
+    def perf_counter(self):
+        return self.now
+
+    def __getattr__(self, name):  # time.time, time.sleep, ...: the real ones
+        return getattr(time, name)
+
+
+def test_resume_continues_the_training_clock_and_the_learning_rate_multiplier(tiny_env, monkeypatch, tmp_path):
+    """A checkpoint's train_ms and lr_mult (halved by a rollback) carry on: the step-4 checkpoint edited to 1000 ms
+    and x0.5 resumes to a step-6 checkpoint at 1020 ms (two 10 ms steps) and x0.5, and the step-6 loss (after a
+    step at half the learning rate) differs from the unedited run's."""
+    FakeClock(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+
+    def run(rid, **over):
+        for k, v in dict(RUN_ID=rid, CHECKPOINT_EVERY="2", WARMUP_STEPS="0", **QUIET, **over).items():
+            monkeypatch.setenv(k, v)
+        assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
+        ck = tg.load_checkpoint(tg.Hyperparameters(), f"checkpoints/{rid}/step_0000006.pt")[1]
+        return train_losses(open(f"logs/{rid}.txt").read()), ck
+
+    losses, ck6 = run("base")
+    assert (ck6["train_ms"], ck6["lr_mult"]) == (60.0, 1.0)
+    h = tg.Hyperparameters()
+    ck = tg.load_checkpoint(h, "checkpoints/base/step_0000004.pt")[1]
+    assert ck["train_ms"] == 40.0
+    ck.update(train_ms=1000.0, lr_mult=0.5)
+    h.checkpoint_dir = str(tmp_path / "edited")
+    os.makedirs(h.checkpoint_dir)
+    edited = tg.save_checkpoint(h, ck)
+    resumed, ck6 = run("resumed", RESUME_FROM=edited)
+    assert f"resumed_from:{edited} step:4 train_time:1000ms" in open("logs/resumed.txt").read()
+    assert (ck6["train_ms"], ck6["lr_mult"]) == (1020.0, 0.5)
+    assert resumed[5] == losses[5] and resumed[6] != losses[6]
+
+
 # ----------------------------------------------------------------------------- 5. SIGTERM
 
 def _children(pid):
@@ -724,6 +777,48 @@ def test_warmup_steps_do_not_train(tiny_env, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     warm, cold = run("warm", "3"), run("cold", "0")
     assert warm == cold and len(warm[0]) == int(TINY["ITERATIONS"])
+
+
+
+def test_the_wallclock_cap_ends_the_last_step_within_it(tiny_env, monkeypatch, tmp_path):
+    """With 10 ms steps and a 200 ms cap the run stops after step 20 at 200 ms, then validates and exports; the
+    flags are read a step late, so without the projected lead it ran step 21 (210 ms, past the cap)."""
+    FakeClock(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for k, v in dict(RUN_ID="cap", MAX_WALLCLOCK_SECONDS="0.2", ITERATIONS="40", TRAIN_LOG_EVERY="1000",
+                     WARMUP_STEPS="0", **QUIET).items():
+        monkeypatch.setenv(k, v)
+    assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
+    log = open("logs/cap.txt").read()
+    assert fields(one_line(log, "step:20/40 val_loss:"))["train_time"] == "200ms"
+    assert "step:21/" not in log and "final_int5_zstd_roundtrip_exact " in log
+
+
+
+def test_qat_refreshes_the_clip_fractions_every_qat_refresh_every_steps(tiny_env, monkeypatch, tmp_path):
+    """QAT on from step 1 (its clip fractions set then), QAT_REFRESH_EVERY=2, a checkpoint after every step: the
+    fractions after step n are the exporter's rule applied to the weights after the last even step before n (the
+    refresh runs before a step); they change during the run, so the check is not vacuous."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in dict(RUN_ID="refresh", ITERATIONS="8", QAT_START_FRAC="0.1", QAT_REFRESH_EVERY="2",
+                     CHECKPOINT_EVERY="1", CHECKPOINT_KEEP="8", WARMUP_STEPS="0", **QUIET).items():
+        monkeypatch.setenv(k, v)
+    h = tg.Hyperparameters()
+    assert tg.train_and_evaluate(h) == 0
+    assert "qat:on step:1" in open("logs/refresh.txt").read()
+    cks = {n: tg.load_checkpoint(h, f"checkpoints/refresh/step_{n:07d}.pt")[1] for n in range(1, 9)}
+    model = tg.GPT(h)
+    fq = [m for m in model.modules() if isinstance(m, tg.FakeQuant)]
+
+    def rule(n):  # the exporter's clip fractions for the weights after step n
+        model.load_state_dict(cks[n]["model"])
+        tg.refresh_qclips(model)
+        return [m.qclip.clone() for m in fq]
+
+    for n in range(2, 9):
+        want = rule(1 if n == 2 else 2 * ((n - 1) // 2))
+        assert all(torch.equal(a, b) for a, b in zip(cks[n]["qclips"], want)), f"step {n}"
+    assert not all(torch.equal(a, b) for a, b in zip(rule(2), rule(6)))
 
 
 OOM_IN_BACKWARD = """import sys
