@@ -409,6 +409,33 @@ def test_ttt_scores_each_chunk_before_stepping_on_it(tiny_env, monkeypatch, ttt_
     assert checked == val.numel() - 1
 
 
+
+def test_ttt_steps_on_the_chunk_just_scored_only(tiny_env, monkeypatch, ttt_docs):
+    """Each adaptation step's objective is, per document, the mean loss of the chunk just scored: the gradient
+    reaching a forward's per-position losses is 1/k on the k targets of that chunk (the window's last TTT_CHUNK
+    positions, a prefix of them where the document ends) and 0 elsewhere, on the earlier chunks in the window
+    (already scored and stepped on) too."""
+    h = _h(monkeypatch, TTT_LR=BIG_LR, TTT_BATCH_DOCS=3)
+    model = _model(h)
+    grads, real_forward = [], model.forward
+
+    def forward(x, y, reduction="mean"):
+        loss = real_forward(x, y, reduction=reduction)
+        if loss.requires_grad:  # the last chunk of a batch takes no step: its hook never fires
+            loss.register_hook(lambda g: grads.append(g.detach().clone()))
+        return loss
+
+    monkeypatch.setattr(model, "forward", forward)
+    _ttt(model, _val(ttt_docs), h)
+    assert grads and any(g.size(1) > C for g in grads), "no window held an earlier chunk: the check is vacuous"
+    for g in grads:
+        assert not g[:, :-C].any()
+        for row in g[:, -C:]:
+            k = int((row != 0).sum())
+            assert torch.equal(row[k:], torch.zeros(C - k)), row  # k = 0: a document already ended
+            assert torch.allclose(row[:k], torch.full((k,), 1.0 / max(k, 1))), row
+
+
 def _same_lengths_other_content(doc, seed):
     g = np.random.default_rng(seed)
     return [1] + g.integers(4, VOCAB, size=len(doc) - 1).tolist()
