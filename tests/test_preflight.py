@@ -1,6 +1,6 @@
 """tools/preflight.py on the synthetic data with the tiny configuration (COMPILE=0, one process unless named): every
 stage's report and figures, the over-budget exit, the deadline, a bad DATA_PATH that fails the data stage only, two
-processes, a killed preflight's partial report, and a missing sentencepiece."""
+processes, a killed preflight's partial report, a missing sentencepiece, and MODEL_TYPE=transformer."""
 import difflib
 import json
 import os
@@ -71,6 +71,16 @@ def test_tiny_cpu_preflight_reports_every_stage(base_env, synth, tmp_path):
     assert set(ev["eval_tokens_per_s"]) == {"flat", "sliding (stride 16)", "ttt"}
     assert all(v > 0 for v in ev["eval_projected_s"]["1"].values())
     assert st["scan"]["figures"]["scan_ours_over_bound"] > 0
+
+
+
+def test_transformer_preflight_times_the_runs_model_first(base_env, tmp_path):
+    """MODEL_TYPE=transformer passes, and the speed stage times the transformer first, reusing the memory stage's
+    trainer, so that model is freed before the hybrid is built (before, both were held on the GPU at once)."""
+    r = _preflight(base_env, tmp_path, "tf", MODEL_TYPE="transformer")
+    assert r.returncode == 0, r.explain
+    assert r.report.index("| transformer |") < r.report.index("| hybrid |")
+    assert r.stages["speed"]["figures"]["step_ms"]["transformer"] > 0
 
 
 def test_over_budget_fails_and_deadline_skips(base_env, tmp_path):

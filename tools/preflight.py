@@ -397,7 +397,7 @@ def stage_memory(P, s):
 def stage_speed(P, s):
     h, B, T = P.h, P.micro or P.h.micro_batch_seqs, P.h.train_seq_len
     n, res, graphs = 20 if CUDA else 10, {}, lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for mt in ("hybrid", "transformer"):
+    for mt in sorted(("hybrid", "transformer"), key=lambda m: m != h.model_type):  # the run's first: frees P.trained
         try:
             if mt == h.model_type and P.trained:  # the memory stage's model, compiled at this shape already
                 tr, P.trained = P.trained, None
