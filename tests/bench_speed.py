@@ -167,7 +167,7 @@ def bench_scan(B, T, K, reps, seq_reps, compile_):
     # memory-bandwidth bound: fwd reads a, b and writes h; bwd reads a, h, grad_h and writes grad_a, grad_b
     n = B * T * K
     scan_bytes = 4 * ((n + 2 * n + 2 * n) + (n + 2 * n + 2 * n + n + 2 * n))  # 13 * 4 B per (b, t, k)
-    src = torch.empty((2**28 if CUDA else 2**24) // 4, device=DEV)  # 1 GiB on CUDA, 16 MiB on CPU
+    src = torch.empty(2**28 if CUDA else 2**22, device=DEV)  # fp32: 1 GiB on CUDA, 16 MiB on CPU
     dst = torch.empty_like(src)
     copy_ms, _ = timed(lambda: dst.copy_(src), reps=10, warmup=2)
     bw = 2 * src.numel() * 4 / (copy_ms / 1000)  # bytes read + written per second

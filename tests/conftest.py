@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -109,3 +111,23 @@ def real_data():
     if not (root and os.path.isdir(data) and os.path.isfile(tok)):
         pytest.skip("PG_DATA_DIR does not point at the challenge data kit")
     return {"data_path": data, "tokenizer_path": tok}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that need a tensor's values on the host: on a GPU each makes the host wait for the device
+    (`.item()`, `bool(t)`, `torch.equal`, `nonzero`, `masked_select`, indexing with a boolean mask). Tensors whose
+    storage is in `allowed` are not recorded (an optimizer's step counters: on the CPU also on a GPU run)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
+             torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+
+    def __init__(self, allowed=()):
+        super().__init__()
+        self.allowed, self.found = set(allowed), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        read = func in self.READS or func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if read and args[0].untyped_storage().data_ptr() not in self.allowed:
+            self.found.append(f"{func}{tuple(args[0].shape)}")
+        return func(*args, **(kwargs or {}))

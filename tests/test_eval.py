@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import VOCAB
+from conftest import VOCAB, HostReads
 
 
 
@@ -434,6 +434,17 @@ def test_ttt_steps_on_the_chunk_just_scored_only(tiny_env, monkeypatch, ttt_docs
             k = int((row != 0).sum())
             assert torch.equal(row[k:], torch.zeros(C - k)), row  # k = 0: a document already ended
             assert torch.allclose(row[:k], torch.full((k,), 1.0 / max(k, 1))), row
+
+
+
+@pytest.mark.parametrize("stride", [SEQ, 16])
+def test_scoring_never_waits_for_the_device(tiny_env, monkeypatch, ttt_docs, stride):
+    """Flat and sliding scoring queue every batch without reading a device value on the host (its three
+    boolean-mask indexes per batch each made the host wait for the GPU)."""
+    h = _h(monkeypatch)
+    with HostReads() as reads:
+        nll, cnt = tg.score_windows(_model(h), _val(ttt_docs), SEQ, stride, 4)
+    assert reads.found == [] and (cnt == 1).all()
 
 
 def _same_lengths_other_content(doc, seed):

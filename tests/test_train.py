@@ -20,7 +20,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import SCRIPT, TINY, VOCAB, run_script
+from conftest import SCRIPT, TINY, VOCAB, HostReads, run_script
 
 QUIET = dict(TTT_ENABLED="0", EVAL_STRIDE="0")  # for runs that do not look at the sliding/TTT evaluations
 
@@ -793,6 +793,36 @@ def test_the_wallclock_cap_ends_the_last_step_within_it(tiny_env, monkeypatch, t
     assert fields(one_line(log, "step:20/40 val_loss:"))["train_time"] == "200ms"
     assert "step:21/" not in log and "final_int5_zstd_roundtrip_exact " in log
 
+
+
+
+def test_training_steps_never_wait_for_the_device(tiny_env, monkeypatch, tmp_path):
+    """Steps 3 to 8 (optimizer state made; QAT on from step 3, EMA from step 5) and their EMA updates read no
+    device value on the host: loss, gradient norm and clipping stay on the device. Allowed: Adam's step counters
+    (on the CPU without fused Adam; fused Adam on a GPU keeps them on the device and does not read them)."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in dict(RUN_ID="nosync", ITERATIONS="8", GRAD_CLIP_NORM="1.0", **QUIET).items():
+        monkeypatch.setenv(k, v)
+    found, real = [], {name: getattr(tg.Trainer, name) for name in ("train_step", "update_ema")}
+
+    def watched(name):
+        def call(self, *args):
+            if self.step < 2:
+                return real[name](self, *args)
+            counters = {s["step"].untyped_storage().data_ptr() for o in self.opts for s in o.state.values()
+                        if torch.is_tensor(s.get("step"))}
+            with HostReads(counters) as reads:
+                out = real[name](self, *args)
+            found.extend(reads.found)
+            return out
+        return call
+
+    for name in real:
+        monkeypatch.setattr(tg.Trainer, name, watched(name))
+    assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
+    log = open("logs/nosync.txt").read()
+    assert "qat:on step:3" in log and "ema_start step:5" in log
+    assert found == []
 
 
 def test_qat_refreshes_the_clip_fractions_every_qat_refresh_every_steps(tiny_env, monkeypatch, tmp_path):
