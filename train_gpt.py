@@ -934,7 +934,7 @@ def score_ttt(model, val, h, rank=0, world_size=1, deadline=None, log=print, fwd
                 torch.cuda.synchronize()  # to time the call (one sync per chunk; the evaluation is not training)
             call_s, calls = time.time() - t, calls - 1
             mask = valid & ((rel >= c0) & (rel < c0 + C))[None]
-            nll.index_add_(0, idx.flatten(), torch.where(mask, loss.detach(), 0.0).flatten().double())  # no sync
+            nll.index_add_(0, idx.flatten(), torch.where(mask, loss.detach(), 0.0).flatten().double())
             cnt.index_add_(0, idx.flatten(), mask.flatten().int())
             k = sum(max(0, min(l, c0 + C) - c0) for l in lens)  # targets scored now, known without a sync
             left -= k
@@ -1277,7 +1277,7 @@ def queue_flags(flags, distributed):
 
 
 def read_flags(pending, keep):
-    """Read the queued flags but the newest `keep`: (clock, signalled, first bad step or 0, the clock's step)."""
+    """The queued flags but the newest `keep`: (clock, signalled, first bad step or 0, clock's step), or None."""
     got = None
     while len(pending) > keep:
         host, done = pending.pop(0)
@@ -1292,7 +1292,7 @@ def train(h, tr):
     """The loop to ITERATIONS or MAX_WALLCLOCK_SECONDS (ending within it at the mean step); flags read a step late;
     an exit code if a signal stopped it (also in the final validation: all-reduced after it, every rank or none)."""
     run, got_signal, pending, cap = tr.run, [], [], 1000 * h.max_wallclock_seconds
-    capped = lambda ms, n: bool(cap) and ms + (2 + run.cuda) * ms / max(n, 1) > cap  # steps ending after that clock
+    capped = lambda ms, n: bool(cap) and ms + (2 + 2 * run.cuda) * ms / max(n, 1) > cap  # steps ending after it
     grab = lambda signum, frame: got_signal.append(signum)
     handlers = {s: signal.signal(s, grab) for s in (signal.SIGTERM, signal.SIGINT)}  # restored after the loop
     run.sync()

@@ -115,19 +115,22 @@ def real_data():
 
 class HostReads(TorchDispatchMode):
     """Records the ops that need a tensor's values on the host: on a GPU each makes the host wait for the device
-    (`.item()`, `bool(t)`, `torch.equal`, `nonzero`, `masked_select`, indexing with a boolean mask). Tensors whose
-    storage is in `allowed` are not recorded (an optimizer's step counters: on the CPU also on a GPU run)."""
+    (`.item()`, `bool(t)`, `torch.equal`, `nonzero`, `masked_select`, `unique`, `repeat_interleave` by a tensor,
+    indexing or assigning with a boolean mask). Not seen: `.tolist()` and `.numpy()` of a CPU tensor (no op is
+    dispatched). Tensors for which `allowed(t)` holds are not recorded (an optimizer's step counters)."""
 
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
-             torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+    READS = {getattr(torch.ops.aten, op).default for op in
+             ("_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2", "unique_dim",
+              "unique_consecutive")} | {torch.ops.aten.repeat_interleave.Tensor}
+    MASKABLE = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
 
-    def __init__(self, allowed=()):
+    def __init__(self, allowed=lambda t: False):
         super().__init__()
-        self.allowed, self.found = set(allowed), []
+        self.allowed, self.found = allowed, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        read = func in self.READS or func is torch.ops.aten.index.Tensor and any(
+        read = func in self.READS or func in self.MASKABLE and any(
             i is not None and i.dtype == torch.bool for i in args[1])
-        if read and args[0].untyped_storage().data_ptr() not in self.allowed:
+        if read and not self.allowed(args[0]):
             self.found.append(f"{func}{tuple(args[0].shape)}")
         return func(*args, **(kwargs or {}))

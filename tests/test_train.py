@@ -464,9 +464,10 @@ def test_resuming_an_older_checkpoint_deletes_the_newer_ones(ckrun, base_env, tm
 
 class FakeClock:
     """`time` for train_gpt.py whose perf_counter advances only in train_step, by `step_s` per step: the training
-    clock then reads exactly steps x step_s, so tests of the wallclock cap and of resumed clocks are exact."""
+    clock then reads exactly steps x step_s (1/128 s: exact in binary), so tests of the wallclock cap and of
+    resumed clocks are exact."""
 
-    def __init__(self, monkeypatch, step_s=0.01):
+    def __init__(self, monkeypatch, step_s=1 / 128):
         self.now = 0.0
         real = tg.Trainer.train_step
 
@@ -487,8 +488,8 @@ class FakeClock:
 
 def test_resume_continues_the_training_clock_and_the_learning_rate_multiplier(tiny_env, monkeypatch, tmp_path):
     """A checkpoint's train_ms and lr_mult (halved by a rollback) carry on: the step-4 checkpoint edited to 1000 ms
-    and x0.5 resumes to a step-6 checkpoint at 1020 ms (two 10 ms steps) and x0.5, and the step-6 loss (after a
-    step at half the learning rate) differs from the unedited run's."""
+    and x0.5 resumes to a step-6 checkpoint at 1015.625 ms (two 7.8125 ms steps) and x0.5, and the step-6 loss
+    (after a step at half the learning rate) differs from the unedited run's."""
     FakeClock(monkeypatch)
     monkeypatch.chdir(tmp_path)
 
@@ -500,17 +501,17 @@ def test_resume_continues_the_training_clock_and_the_learning_rate_multiplier(ti
         return train_losses(open(f"logs/{rid}.txt").read()), ck
 
     losses, ck6 = run("base")
-    assert (ck6["train_ms"], ck6["lr_mult"]) == (60.0, 1.0)
+    assert (ck6["train_ms"], ck6["lr_mult"]) == (46.875, 1.0)
     h = tg.Hyperparameters()
     ck = tg.load_checkpoint(h, "checkpoints/base/step_0000004.pt")[1]
-    assert ck["train_ms"] == 40.0
+    assert ck["train_ms"] == 31.25
     ck.update(train_ms=1000.0, lr_mult=0.5)
     h.checkpoint_dir = str(tmp_path / "edited")
     os.makedirs(h.checkpoint_dir)
     edited = tg.save_checkpoint(h, ck)
     resumed, ck6 = run("resumed", RESUME_FROM=edited)
     assert f"resumed_from:{edited} step:4 train_time:1000ms" in open("logs/resumed.txt").read()
-    assert (ck6["train_ms"], ck6["lr_mult"]) == (1020.0, 0.5)
+    assert (ck6["train_ms"], ck6["lr_mult"]) == (1015.625, 0.5)
     assert resumed[5] == losses[5] and resumed[6] != losses[6]
 
 
@@ -781,16 +782,17 @@ def test_warmup_steps_do_not_train(tiny_env, monkeypatch, tmp_path):
 
 
 def test_the_wallclock_cap_ends_the_last_step_within_it(tiny_env, monkeypatch, tmp_path):
-    """With 10 ms steps and a 200 ms cap the run stops after step 20 at 200 ms, then validates and exports; the
-    flags are read a step late, so without the projected lead it ran step 21 (210 ms, past the cap)."""
+    """With 7.8125 ms steps and a 160 ms cap the run stops after step 20 (156 ms: step 21 would end at 164), then
+    validates and exports. The flags are read a step late: the old rule, without the projected lead, ran to step
+    22 (172 ms)."""
     FakeClock(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    for k, v in dict(RUN_ID="cap", MAX_WALLCLOCK_SECONDS="0.2", ITERATIONS="40", TRAIN_LOG_EVERY="1000",
+    for k, v in dict(RUN_ID="cap", MAX_WALLCLOCK_SECONDS="0.16", ITERATIONS="40", TRAIN_LOG_EVERY="1000",
                      WARMUP_STEPS="0", **QUIET).items():
         monkeypatch.setenv(k, v)
     assert tg.train_and_evaluate(tg.Hyperparameters()) == 0
     log = open("logs/cap.txt").read()
-    assert fields(one_line(log, "step:20/40 val_loss:"))["train_time"] == "200ms"
+    assert fields(one_line(log, "step:20/40 val_loss:"))["train_time"] == "156ms"
     assert "step:21/" not in log and "final_int5_zstd_roundtrip_exact " in log
 
 
@@ -809,9 +811,8 @@ def test_training_steps_never_wait_for_the_device(tiny_env, monkeypatch, tmp_pat
         def call(self, *args):
             if self.step < 2:
                 return real[name](self, *args)
-            counters = {s["step"].untyped_storage().data_ptr() for o in self.opts for s in o.state.values()
-                        if torch.is_tensor(s.get("step"))}
-            with HostReads(counters) as reads:
+            counters = {id(s["step"]) for o in self.opts for s in o.state.values() if torch.is_tensor(s.get("step"))}
+            with HostReads(lambda t: id(t) in counters) as reads:
                 out = real[name](self, *args)
             found.extend(reads.found)
             return out
