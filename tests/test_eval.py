@@ -13,7 +13,6 @@ import train_gpt as tg
 from conftest import VOCAB, HostReads
 
 
-
 # ----------------------------------------------------------------------------- eval_windows
 
 WINDOW_CASES = [(1, 64, 16), (5, 64, 16), (63, 64, 16), (64, 64, 16), (65, 64, 16), (79, 64, 16), (80, 64, 16),
@@ -409,7 +408,6 @@ def test_ttt_scores_each_chunk_before_stepping_on_it(tiny_env, monkeypatch, ttt_
     assert checked == val.numel() - 1
 
 
-
 def test_ttt_steps_on_the_chunk_just_scored_only(tiny_env, monkeypatch, ttt_docs):
     """Each adaptation step's objective is, per document, the mean loss of the chunk just scored: the gradient
     reaching a forward's per-position losses is 1/k on the k targets of that chunk (the window's last TTT_CHUNK
@@ -434,7 +432,6 @@ def test_ttt_steps_on_the_chunk_just_scored_only(tiny_env, monkeypatch, ttt_docs
             k = int((row != 0).sum())
             assert torch.equal(row[k:], torch.zeros(C - k)), row  # k = 0: a document already ended
             assert torch.allclose(row[:k], torch.full((k,), 1.0 / max(k, 1))), row
-
 
 
 @pytest.mark.parametrize("stride", [SEQ, 16])

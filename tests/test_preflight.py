@@ -73,7 +73,6 @@ def test_tiny_cpu_preflight_reports_every_stage(base_env, synth, tmp_path):
     assert st["scan"]["figures"]["scan_ours_over_bound"] > 0
 
 
-
 def test_transformer_preflight_times_the_runs_model_first(base_env, tmp_path):
     """MODEL_TYPE=transformer passes, and the speed stage times the transformer first, reusing the memory stage's
     trainer, so that model is freed before the hybrid is built (before, both were held on the GPU at once)."""

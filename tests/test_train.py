@@ -461,7 +461,6 @@ def test_resuming_an_older_checkpoint_deletes_the_newer_ones(ckrun, base_env, tm
     assert sorted(os.listdir(ckdir)) == ["step_0000002.pt"]
 
 
-
 class FakeClock:
     """`time` for train_gpt.py whose perf_counter advances only in train_step, by `step_s` per step: the training
     clock then reads exactly steps x step_s (1/128 s: exact in binary), so tests of the wallclock cap and of
@@ -780,7 +779,6 @@ def test_warmup_steps_do_not_train(tiny_env, monkeypatch, tmp_path):
     assert warm == cold and len(warm[0]) == int(TINY["ITERATIONS"])
 
 
-
 def test_the_wallclock_cap_ends_the_last_step_within_it(tiny_env, monkeypatch, tmp_path):
     """With 7.8125 ms steps and a 160 ms cap the run stops after step 20 (156 ms: step 21 would end at 164), then
     validates and exports. The flags are read a step late: the old rule, without the projected lead, ran to step
@@ -794,8 +792,6 @@ def test_the_wallclock_cap_ends_the_last_step_within_it(tiny_env, monkeypatch, t
     log = open("logs/cap.txt").read()
     assert fields(one_line(log, "step:20/40 val_loss:"))["train_time"] == "156ms"
     assert "step:21/" not in log and "final_int5_zstd_roundtrip_exact " in log
-
-
 
 
 def test_training_steps_never_wait_for_the_device(tiny_env, monkeypatch, tmp_path):
