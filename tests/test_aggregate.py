@@ -136,7 +136,7 @@ def test_bench_speed_tiny_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     for header in ("### Speed benchmark:", "| implementation | ms (median) | x faster than seed-style | peak MiB |",
                    "| ours (`kogge_stone_scan`), eager |", "| previous doubling scan (before the blocked one), eager |",
-                   "Paired: 5 rounds, each timing the seed-style reference and then the fastest of ours",
+                   "straight after the reference: 5 rounds, seed-style/ours median", "again, warm: 5 rounds",
                    "#### One block, forward + backward", "TRN/attention block = ", "#### Muon step over the",
                    "train_gpt.Muon / torch.optim.Muon = ", "| model | ms/step | tokens/s | peak GiB |", "| hybrid |",
                    "| transformer |", "hybrid/transformer ms per step"):
