@@ -300,8 +300,7 @@ def byte_luts(sp, vocab_size):
         raise UserError(f"tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     if sp.piece_to_id("\u2581") == sp.unk_id():
         raise UserError("tokenizer has no '\u2581' piece: not a SentencePiece tokenizer this metric understands")
-    base = np.zeros(vocab_size, np.int16)
-    space = np.zeros(vocab_size, np.bool_)
+    base, space = np.zeros(vocab_size, np.int16), np.zeros(vocab_size, np.bool_)
     boundary = np.ones(vocab_size, np.bool_)
     for i in range(vocab_size):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
@@ -461,7 +460,8 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, h.model_dim, "mlp", zero=True)
 
     def forward(self, x):
-        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+        y = F.leaky_relu(self.fc(x), 0.5)
+        return self.proj(y * y)  # not square(): it is pow, which CUDA autocast runs in fp32
 
 
 class Rotary(nn.Module):

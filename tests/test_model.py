@@ -11,11 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, VOCAB
 
@@ -318,6 +320,28 @@ def test_model_fp32_master_weights_under_autocast(tiny_env, monkeypatch):
     with torch.no_grad():
         ref = model.forward_logits(ids)
     assert (logits - ref).abs().max() < 0.5  # the same function, at bf16 precision
+
+
+def test_mlp_squares_with_a_mul_that_cuda_autocast_keeps_in_bf16():
+    """Tensor.square() dispatches pow, which CUDA autocast runs in fp32 (an fp32 copy of the widest activation
+    under COMPILE=0); the MLP squares with a mul instead. This CPU cannot run CUDA autocast: the test checks that
+    premise, that no pow runs, and that the result equals square()'s."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::pow.Tensor_Scalar", "AutocastCUDA")
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mlp, x = tg.MLP(SimpleNamespace(mlp_mult=2, model_dim=8)), torch.randn(3, 8)
+    nn.init.normal_(mlp.proj.weight)  # zero at init
+    with torch.no_grad(), Ops():
+        y = mlp(x)
+    assert "mul" in ops and not any(o.startswith("pow") for o in ops)
+    with torch.no_grad():
+        assert torch.equal(y, mlp.proj(F.leaky_relu(mlp.fc(x), 0.5).square()))
 
 
 # ----------------------------------------------------------------------------- 5. TRN initialisation
