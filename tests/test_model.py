@@ -324,9 +324,11 @@ def test_model_fp32_master_weights_under_autocast(tiny_env, monkeypatch):
 
 def test_mlp_squares_with_a_mul_that_cuda_autocast_keeps_in_bf16():
     """Tensor.square() dispatches pow, which CUDA autocast runs in fp32 (an fp32 copy of the widest activation
-    under COMPILE=0); the MLP squares with a mul instead. This CPU cannot run CUDA autocast: the test checks that
-    premise, that no pow runs, and that the result equals square()'s."""
+    under COMPILE=0); the MLP squares with a mul instead. This CPU cannot run CUDA autocast: the test checks the
+    premise as far as the dispatcher shows it (autocast has a CUDA kernel registered for pow and none for mul,
+    and square() dispatches pow), that the MLP runs no pow, and that its result equals square()'s."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::pow.Tensor_Scalar", "AutocastCUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::mul.Tensor", "AutocastCUDA")
     ops = []
 
     class Ops(TorchDispatchMode):
@@ -334,6 +336,10 @@ def test_mlp_squares_with_a_mul_that_cuda_autocast_keeps_in_bf16():
             ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
+    with Ops():
+        torch.ones(2).square()
+    assert "pow" in ops
+    ops.clear()
     torch.manual_seed(0)
     mlp, x = tg.MLP(SimpleNamespace(mlp_mult=2, model_dim=8)), torch.randn(3, 8)
     nn.init.normal_(mlp.proj.weight)  # zero at init
