@@ -128,7 +128,7 @@ def test_optional_scores_follow_config(tmp_path, capsys):
 def test_bench_speed_tiny_runs():
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "TMPDIR")}
     env["OMP_NUM_THREADS"] = "1"  # as conftest.run_script: no thread oversubscription when tests run side by side
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "bench_speed.py"), "--tiny"]
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "bench_speed.py"), "--tiny", "--runs", "2"]
     import torch
     if torch.cuda.is_available():
         cmd.append("--no-compile")  # keep this smoke test fast where a GPU would trigger torch.compile
@@ -137,7 +137,13 @@ def test_bench_speed_tiny_runs():
     for header in ("### Speed benchmark:", "| implementation | ms (median) | x faster than seed-style | peak MiB |",
                    "| ours (`kogge_stone_scan`), eager |", "| previous doubling scan (before the blocked one), eager |",
                    "straight after the reference: 5 rounds, seed-style/ours median", "again, warm: 5 rounds",
+                   "| repeat | seed-style ms | ours ms | ratio of medians | paired, warm |",
+                   "Over 2 repeats, ratio of medians: median", "Over 2 repeats, paired, warm: median",
                    "#### One block, forward + backward", "TRN/attention block = ", "#### Muon step over the",
                    "train_gpt.Muon / torch.optim.Muon = ", "| model | ms/step | tokens/s | peak GiB |", "| hybrid |",
                    "| transformer |", "hybrid/transformer ms per step"):
         assert header in r.stdout
+    repeats = r.stdout.split("| repeat |")[1].split("\n\n")[0].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in repeats] == ["| 1", "| 2"]
+    bad = subprocess.run(cmd[:2] + ["--runs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--runs must be at least 1, got 0" in bad.stderr
