@@ -213,16 +213,18 @@ def bench_scan(B, T, K, reps, seq_reps, compile_, runs=1):
         return
     # The same comparison repeated in this process: a shared host drifts by tens of percent within seconds, so one
     # repeat's ratio is one sample; the figure to quote is the median over repeats
-    rows, ratios, warms = [], [], []
+    rows, ratios, colds, warms = [], [], [], []
     for i in range(runs):
         (r, _), (o, _) = (timed(lambda: fwd_bwd(fn), reps, 1) for fn in (scan_naive_ks, impls[fastest]))
         ratios.append(r / o)
-        warms.append(statistics.median(paired()[1]))
-        rows.append([i + 1, f"{r:.3f}", f"{o:.3f}", f"{r / o:.1f}", f"{warms[-1]:.1f}"])
-    print(f"\n#### The reference against {fastest}, repeated (each row: the median of {reps} calls of each, then "
-          f"{reps} paired rounds)\n")
-    print(table(["repeat", "seed-style ms", "ours ms", "ratio of medians", "paired, warm"], rows))
-    for name, xs in (("ratio of medians", ratios), ("paired, warm", warms)):
+        cold, warm = (statistics.median(x) for x in paired())
+        colds.append(cold)
+        warms.append(warm)
+        rows.append([i + 1, f"{r:.3f}", f"{o:.3f}", f"{r / o:.1f}", f"{cold:.1f}", f"{warm:.1f}"])
+    print(f"\n#### The reference against {fastest}, repeated (each row: the median of {reps} calls of the reference, "
+          f"then of {reps} of ours, then {reps} paired rounds as above)\n")
+    print(table(["repeat", "seed-style ms", "ours ms", "ratio of medians", "paired, straight after", "paired, warm"], rows))
+    for name, xs in (("ratio of medians", ratios), ("paired, straight after", colds), ("paired, warm", warms)):
         print(f"\nOver {runs} repeats, {name}: median {statistics.median(xs):.1f}x (range {min(xs):.1f}-{max(xs):.1f}x).")
 
 
@@ -420,6 +422,8 @@ def main():
     ap.add_argument("--runs", type=int, default=1, help="repeat the scan's reference-against-ours timing this many "
                     "times and print the median over repeats (default 1: no repeats)")
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error(f"--runs must be at least 1, got {args.runs}")
     tiny = args.tiny or not CUDA
     reps = args.reps or (5 if tiny else 20)
     compile_ = (CUDA or args.compile) and not args.no_compile
@@ -433,8 +437,6 @@ def main():
           f"{'tiny' if tiny else 'full'} sizes (scan B={B} T={T} K={K}), training step {'compiled' if compile_ else 'eager'}, "
           f"{'bf16 autocast' if CUDA else 'fp32 (no autocast off CUDA)'}")
 
-    if args.runs < 1:
-        sys.exit(f"error: --runs must be at least 1, got {args.runs}")
     bench_scan(B, T, K, reps, min(reps, 3), compile_, args.runs)
     if args.scan_only:
         return

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -137,13 +138,19 @@ def test_bench_speed_tiny_runs():
     for header in ("### Speed benchmark:", "| implementation | ms (median) | x faster than seed-style | peak MiB |",
                    "| ours (`kogge_stone_scan`), eager |", "| previous doubling scan (before the blocked one), eager |",
                    "straight after the reference: 5 rounds, seed-style/ours median", "again, warm: 5 rounds",
-                   "| repeat | seed-style ms | ours ms | ratio of medians | paired, warm |",
-                   "Over 2 repeats, ratio of medians: median", "Over 2 repeats, paired, warm: median",
+                   "| repeat | seed-style ms | ours ms | ratio of medians | paired, straight after | paired, warm |",
+                   "Over 2 repeats, ratio of medians: median", "Over 2 repeats, paired, straight after: median",
+                   "Over 2 repeats, paired, warm: median",
                    "#### One block, forward + backward", "TRN/attention block = ", "#### Muon step over the",
                    "train_gpt.Muon / torch.optim.Muon = ", "| model | ms/step | tokens/s | peak GiB |", "| hybrid |",
                    "| transformer |", "hybrid/transformer ms per step"):
         assert header in r.stdout
-    repeats = r.stdout.split("| repeat |")[1].split("\n\n")[0].splitlines()[2:]
-    assert [row.split(" | ")[0] for row in repeats] == ["| 1", "| 2"]
+    repeats = [row.strip("| ").split(" | ") for row in r.stdout.split("| repeat |")[1].split("\n\n")[0].splitlines()[2:]]
+    assert [row[0] for row in repeats] == ["1", "2"]
+    for _, ref_ms, ours_ms, ratio, *_ in repeats:  # the ratio is the row's own reference over ours
+        assert abs(float(ratio) - float(ref_ms) / float(ours_ms)) <= 0.06 + 0.01 * float(ratio)
+    lo, hi = sorted((row[3] for row in repeats), key=float)  # the summary: the rows' range, a median inside it
+    med = re.search(rf"ratio of medians: median ([0-9.]+)x \(range {re.escape(lo)}-{re.escape(hi)}x\)", r.stdout)
+    assert med and float(lo) - 0.05 <= float(med[1]) <= float(hi) + 0.05
     bad = subprocess.run(cmd[:2] + ["--runs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--runs must be at least 1, got 0" in bad.stderr
